@@ -1,0 +1,1 @@
+"""kvscope runtime: models, engine, scheduler, KV tiers, integrity. Never imports Textual."""

@@ -1,0 +1,19 @@
+"""Model implementations (our own; transformers is only the test oracle)."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.config import ModelConfig
+from runtime.models.base import CausalLM
+from runtime.weights.checkpoint import Checkpoint
+
+
+def build_model(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device) -> CausalLM:
+    if cfg.arch == "glm_moe_dsa":
+        from runtime.models.glm_moe_dsa import GlmMoeDsaForCausalLM
+
+        return GlmMoeDsaForCausalLM(cfg, ckpt, dtype, device)
+    from runtime.models.glm4_moe import Glm4MoeForCausalLM
+
+    return Glm4MoeForCausalLM(cfg, ckpt, dtype, device)

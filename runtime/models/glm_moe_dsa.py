@@ -1,0 +1,176 @@
+"""GLM-5 (`glm_moe_dsa`): MLA attention with the DeepSeek Sparse Attention indexer, over pages.
+
+Legend: T new tokens in the step, n new tokens of one sequence, c its context length,
+H heads, Hi indexer heads, Di indexer head dim, Kl kv_lora_rank, R qk_rope_head_dim,
+Nd qk_nope_head_dim, Vd v_head_dim.
+
+KV planes per layer (see kv/pool.py): `latent` [Kl + R] = (kv_a_layernorm(c_kv), rope(k_rot))
+and `index_k` [Di] (indexer key after LayerNorm and interleaved RoPE). Attention runs in the
+absorbed form: queries are absorbed through kv_b's key part, scores are taken against the
+latent plane, and the output leaves through kv_b's value part. Only DSA-selected positions
+contribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.config import ModelConfig
+from runtime.kv.pool import KVPool
+from runtime.models.base import CausalLM, WeightReader
+from runtime.models.batch import ForwardBatch
+from runtime.models.layers import rms_norm
+from runtime.models.rope import RotaryTables, rope_interleaved, yarn_mscale
+
+NORM_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm and the indexer's k_norm use 1e-6 in GLM-5
+
+
+@dataclass
+class Indexer:
+    wq_b: torch.Tensor  # [Hi*Di, q_lora]
+    wk: torch.Tensor  # [Di, D]
+    k_norm_w: torch.Tensor  # [Di]
+    k_norm_b: torch.Tensor  # [Di]
+    weights_proj: torch.Tensor  # [Hi, D] kept in fp32 as in the reference
+
+
+@dataclass
+class MLAAttention:
+    cfg: ModelConfig
+    rope: RotaryTables
+    q_a: torch.Tensor  # [q_lora, D]
+    q_a_bias: torch.Tensor | None
+    q_a_norm: torch.Tensor  # [q_lora]
+    q_b: torch.Tensor  # [H*(Nd+R), q_lora]
+    kv_a: torch.Tensor  # [Kl+R, D]
+    kv_a_bias: torch.Tensor | None
+    kv_a_norm: torch.Tensor  # [Kl]
+    w_uk: torch.Tensor  # [H, Nd, Kl] key part of kv_b
+    w_uv: torch.Tensor  # [H, Vd, Kl] value part of kv_b
+    o_proj: torch.Tensor  # [D, H*Vd]
+    o_bias: torch.Tensor | None
+    indexer: Indexer | None  # None on "shared" layers: reuse the last full layer's selection
+    scaling: float
+
+    def forward(self, x, batch: ForwardBatch, pool: KVPool, layer: int, state: dict):
+        cfg = self.cfg
+        t = x.shape[0]
+        nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        cos, sin = state["cos_sin"]
+        q_resid = rms_norm(F.linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
+        q = F.linear(q_resid, self.q_b).view(t, nh, nd + r)
+        q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)  # [T,H,Nd], [T,H,R]
+        ckv = F.linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl+R]
+        latent = rms_norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
+        k_rot = rope_interleaved(ckv[:, kl:], cos, sin)  # [T, R]
+        pool.store(layer, "latent", batch.new_rows, torch.cat([latent, k_rot], dim=-1))
+
+        if self.indexer is not None:
+            q_idx, w_idx = self._indexer_queries(x, q_resid, batch, pool, layer, cos, sin)
+        q_lat = torch.einsum("thd,hdk->thk", q_nope, self.w_uk)  # [T, H, Kl]
+        out = torch.empty((t, nh, cfg.v_head_dim), dtype=x.dtype, device=x.device)
+        for si, seq in enumerate(batch.seqs):
+            for hook in batch.before_read:
+                hook(layer, "latent", si)
+            sl = slice(seq.offset, seq.offset + seq.n)
+            if self.indexer is not None:
+                sel = self._select(q_idx[sl], w_idx[sl], seq, pool, layer, batch, si)
+                state["topk"][si] = sel
+            else:
+                sel = state["topk"][si]
+            kv = pool.gather(layer, "latent", seq.ctx_rows)  # [c, Kl+R]
+            scores = torch.einsum("nhk,ck->nhc", q_lat[sl], kv[:, :kl])
+            scores = scores + torch.einsum("nhr,cr->nhc", q_rope[sl], kv[:, kl:])
+            scores = scores.float() * self.scaling  # [n, H, c]
+            allowed = _causal(seq.start, seq.end, x.device)  # [n, c]
+            if sel is not None:
+                allowed &= torch.zeros_like(allowed).scatter_(1, sel, True)
+            scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1).to(x.dtype)
+            o_lat = torch.einsum("nhc,ck->nhk", probs, kv[:, :kl])  # [n, H, Kl]
+            out[sl] = torch.einsum("nhk,hvk->nhv", o_lat, self.w_uv)
+        return F.linear(out.view(t, -1), self.o_proj, self.o_bias)
+
+    def _indexer_queries(self, x, q_resid, batch, pool, layer, cos, sin):
+        """Indexer queries [T, Hi, Di], head weights [T, Hi] (fp32); stores the key plane."""
+        cfg, ix = self.cfg, self.indexer
+        t, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        q = F.linear(q_resid, ix.wq_b).view(t, hi, di)
+        q = torch.cat([rope_interleaved(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        k = F.layer_norm(F.linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
+        k = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
+        pool.store(layer, "index_k", batch.new_rows, k)
+        w = F.linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
+        return q, w
+
+    def _select(self, q_idx, w_idx, seq, pool, layer, batch, si):
+        """DSA top-k positions [n, k] for one sequence, or None when every causal position
+        fits in index_topk (the selection is then the full causal set)."""
+        if seq.end <= self.cfg.index_topk:
+            return None
+        for hook in batch.before_read:
+            hook(layer, "index_k", si)
+        keys = pool.gather(layer, "index_k", seq.ctx_rows).float()  # [c, Di]
+        scale = self.cfg.index_head_dim**-0.5
+        scores = F.relu(torch.einsum("nhd,cd->nhc", q_idx.float(), keys) * scale)  # [n, Hi, c]
+        index_scores = torch.einsum("nh,nhc->nc", w_idx, scores)  # [n, c]
+        causal = _causal(seq.start, seq.end, q_idx.device)
+        index_scores = index_scores.masked_fill(~causal, float("-inf"))
+        return index_scores.topk(self.cfg.index_topk, dim=-1).indices  # [n, k]
+
+
+def _causal(start: int, end: int, device) -> torch.Tensor:
+    """[n, c] bool: new token at position start+i may attend to positions <= start+i."""
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    return torch.arange(end, device=device)[None, :] <= q_pos
+
+
+class GlmMoeDsaForCausalLM(CausalLM):
+    def new_layer_state(self, batch: ForwardBatch) -> dict:
+        cos_sin = self.rope.cos_sin(batch.positions.to(self.device), self.dtype)
+        return {"cos_sin": cos_sin, "topk": [None] * len(batch.seqs)}
+
+    def load_attention(self, w: WeightReader, layer: int, prefix: str) -> MLAAttention:
+        cfg = self.cfg
+        if not hasattr(self, "rope"):
+            self.rope = RotaryTables(cfg, self.device)
+        d, h = cfg.hidden_size, cfg.num_heads
+        ql, kl, r = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        nd, vd = cfg.qk_nope_head_dim, cfg.v_head_dim
+        kv_b = w(f"{prefix}.kv_b_proj.weight", (h * (nd + vd), kl)).view(h, nd + vd, kl)
+        indexer = None
+        if cfg.indexer_types[layer] == "full":
+            hi, di = cfg.index_n_heads, cfg.index_head_dim
+            ip = f"{prefix}.indexer"
+            indexer = Indexer(
+                wq_b=w(f"{ip}.wq_b.weight", (hi * di, ql)),
+                wk=w(f"{ip}.wk.weight", (di, d)),
+                k_norm_w=w(f"{ip}.k_norm.weight", (di,)),
+                k_norm_b=w(f"{ip}.k_norm.bias", (di,)),
+                weights_proj=w(f"{ip}.weights_proj.weight", (hi, d), torch.float32),
+            )
+        scaling = (nd + r) ** -0.5
+        if cfg.rope.rope_type != "default" and cfg.rope.mscale_all_dim:
+            m = yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim)
+            scaling = scaling * m * m
+        bias = cfg.attention_bias
+        return MLAAttention(
+            cfg=cfg,
+            rope=self.rope,
+            q_a=w(f"{prefix}.q_a_proj.weight", (ql, d)),
+            q_a_bias=w(f"{prefix}.q_a_proj.bias", (ql,)) if bias else None,
+            q_a_norm=w(f"{prefix}.q_a_layernorm.weight", (ql,)),
+            q_b=w(f"{prefix}.q_b_proj.weight", (h * (nd + r), ql)),
+            kv_a=w(f"{prefix}.kv_a_proj_with_mqa.weight", (kl + r, d)),
+            kv_a_bias=w(f"{prefix}.kv_a_proj_with_mqa.bias", (kl + r,)) if bias else None,
+            kv_a_norm=w(f"{prefix}.kv_a_layernorm.weight", (kl,)),
+            w_uk=kv_b[:, :nd, :].contiguous(),
+            w_uv=kv_b[:, nd:, :].contiguous(),
+            o_proj=w(f"{prefix}.o_proj.weight", (d, h * vd)),
+            o_bias=w(f"{prefix}.o_proj.bias", (d,)) if bias else None,
+            indexer=indexer,
+            scaling=scaling,
+        )

@@ -1,0 +1,181 @@
+"""Random tiny checkpoints in the published Hugging Face layout (our own writer).
+
+`write_tiny(out_dir, arch, **overrides)` writes config.json + model.safetensors with the
+per-expert tensor names GLM checkpoints use. Weights are drawn with a fixed seed and a scale
+large enough that top-1 logits are not float ties.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from runtime.config import parse_config
+
+BASE = {
+    "glm_moe_dsa": {
+        "model_type": "glm_moe_dsa",
+        "architectures": ["GlmMoeDsaForCausalLM"],
+        "vocab_size": 211,
+        "hidden_size": 48,
+        "intermediate_size": 72,
+        "moe_intermediate_size": 24,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 3,
+        "q_lora_rank": 40,
+        "kv_lora_rank": 24,
+        "qk_nope_head_dim": 12,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 10,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 3,
+        "n_shared_experts": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1,
+        "index_topk": 6,
+        "index_head_dim": 16,
+        "index_n_heads": 8,
+        "indexer_types": ["full", "shared", "full", "shared"],
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 0,
+        "dtype": "float32",
+    },
+    "glm4_moe": {
+        "model_type": "glm4_moe",
+        "architectures": ["Glm4MoeForCausalLM"],
+        "vocab_size": 203,
+        "hidden_size": 40,
+        "intermediate_size": 56,
+        "moe_intermediate_size": 20,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 12,
+        "partial_rotary_factor": 0.5,
+        "use_qk_norm": True,
+        "attention_bias": True,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.5,
+        "first_k_dense_replace": 1,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "tie_word_embeddings": False,
+        "num_nextn_predict_layers": 0,
+        "dtype": "float32",
+    },
+}
+
+
+def tiny_config(arch: str, **overrides) -> dict:
+    if arch not in BASE:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(BASE)}")
+    raw = {**BASE[arch], **overrides}
+    if arch == "glm_moe_dsa" and "indexer_types" not in overrides:
+        n = raw["num_hidden_layers"]
+        raw["indexer_types"] = ["full" if i % 2 == 0 else "shared" for i in range(n)]
+    return raw
+
+
+def tiny_tensors(raw: dict, seed: int = 0, scale: float = 0.15) -> dict[str, torch.Tensor]:
+    """Random weights for every tensor the published layout names, per-expert experts."""
+    cfg = parse_config(raw)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=scale):
+        return torch.randn(*shape, generator=g) * s
+
+    def norm(n):
+        return 1.0 + rnd(n, s=0.1)
+
+    d, v = cfg.hidden_size, cfg.vocab_size
+    t = {"model.embed_tokens.weight": rnd(v, d, s=1.0), "model.norm.weight": norm(d)}
+    t["lm_head.weight"] = rnd(v, d, s=0.3)
+    for li in range(cfg.num_layers):
+        p = f"model.layers.{li}"
+        t[f"{p}.input_layernorm.weight"] = norm(d)
+        t[f"{p}.post_attention_layernorm.weight"] = norm(d)
+        a = f"{p}.self_attn"
+        if cfg.is_mla:
+            h, ql, kl, r = cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+            nd, vd = cfg.qk_nope_head_dim, cfg.v_head_dim
+            t[f"{a}.q_a_proj.weight"] = rnd(ql, d)
+            t[f"{a}.q_a_layernorm.weight"] = norm(ql)
+            t[f"{a}.q_b_proj.weight"] = rnd(h * (nd + r), ql)
+            t[f"{a}.kv_a_proj_with_mqa.weight"] = rnd(kl + r, d)
+            t[f"{a}.kv_a_layernorm.weight"] = norm(kl)
+            t[f"{a}.kv_b_proj.weight"] = rnd(h * (nd + vd), kl)
+            t[f"{a}.o_proj.weight"] = rnd(d, h * vd)
+            if cfg.attention_bias:
+                t[f"{a}.q_a_proj.bias"] = rnd(ql)
+                t[f"{a}.kv_a_proj_with_mqa.bias"] = rnd(kl + r)
+                t[f"{a}.o_proj.bias"] = rnd(d)
+            if cfg.indexer_types[li] == "full":
+                hi, di = cfg.index_n_heads, cfg.index_head_dim
+                t[f"{a}.indexer.wq_b.weight"] = rnd(hi * di, ql, s=0.3)
+                t[f"{a}.indexer.wk.weight"] = rnd(di, d, s=0.3)
+                t[f"{a}.indexer.k_norm.weight"] = norm(di)
+                t[f"{a}.indexer.k_norm.bias"] = rnd(di, s=0.1)
+                t[f"{a}.indexer.weights_proj.weight"] = rnd(hi, d, s=0.3)
+        else:
+            h, hk, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            t[f"{a}.q_proj.weight"] = rnd(h * dh, d)
+            t[f"{a}.k_proj.weight"] = rnd(hk * dh, d)
+            t[f"{a}.v_proj.weight"] = rnd(hk * dh, d)
+            t[f"{a}.o_proj.weight"] = rnd(d, h * dh)
+            if cfg.attention_bias:
+                t[f"{a}.q_proj.bias"] = rnd(h * dh)
+                t[f"{a}.k_proj.bias"] = rnd(hk * dh)
+                t[f"{a}.v_proj.bias"] = rnd(hk * dh)
+            if cfg.use_qk_norm:
+                t[f"{a}.q_norm.weight"] = norm(dh)
+                t[f"{a}.k_norm.weight"] = norm(dh)
+        m = f"{p}.mlp"
+        if cfg.mlp_layer_types[li] == "sparse":
+            e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
+            t[f"{m}.gate.weight"] = rnd(e, d, s=0.5)
+            t[f"{m}.gate.e_score_correction_bias"] = rnd(e, s=0.05)
+            for x in range(e):
+                t[f"{m}.experts.{x}.gate_proj.weight"] = rnd(i, d)
+                t[f"{m}.experts.{x}.up_proj.weight"] = rnd(i, d)
+                t[f"{m}.experts.{x}.down_proj.weight"] = rnd(d, i)
+            si = i * cfg.n_shared_experts
+            if si:
+                t[f"{m}.shared_experts.gate_proj.weight"] = rnd(si, d)
+                t[f"{m}.shared_experts.up_proj.weight"] = rnd(si, d)
+                t[f"{m}.shared_experts.down_proj.weight"] = rnd(d, si)
+        else:
+            i = cfg.intermediate_size
+            t[f"{m}.gate_proj.weight"] = rnd(i, d)
+            t[f"{m}.up_proj.weight"] = rnd(i, d)
+            t[f"{m}.down_proj.weight"] = rnd(d, i)
+    return {k: val.contiguous() for k, val in t.items()}
+
+
+def write_tiny(out_dir: str | Path, arch: str, seed: int = 0, **overrides) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = tiny_config(arch, **overrides)
+    tensors = tiny_tensors(raw, seed=seed)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
