@@ -1,0 +1,104 @@
+"""`kvscope` command line: chat | inspect | batch | bench | chaos | make-tiny.
+
+Exit codes: 0 ok, 2 bad input or usage (one clear line on stderr), 3 integrity violation under
+--strict. No traceback reaches the user for input errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from app.options import add_common, engine_config
+from runtime.errors import KvscopeError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        sys.stderr.write(f"kvscope: error: {message} (see kvscope {self.prog.split()[-1]} -h)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvscope", description="Local MoE inference with a verified, tiered KV cache")
+    sub = p.add_subparsers(dest="mode", required=True, parser_class=_Parser)
+    for mode, text in (("chat", "TUI chat"), ("inspect", "TUI on the cache inspector")):
+        add_common(sub.add_parser(mode, help=text))
+    b = sub.add_parser("batch", help="JSONL in, JSONL out")
+    add_common(b)
+    b.add_argument("--input", required=True, help="input JSONL, one request per line")
+    b.add_argument("--output", required=True, help="output JSONL, one record per input line")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int)
+    b.add_argument("--strict", action="store_true", help="exit 3 if any corruption was found")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = sub.add_parser("make-tiny", help="write a random tiny checkpoint")
+    t.add_argument("--arch", required=True, choices=["glm_moe_dsa", "glm4_moe"])
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _make_engine(args):
+    from runtime.engine import Engine
+
+    return Engine(args.model, engine_config(args))
+
+
+def cmd_batch(args) -> int:
+    from app.batch import run_batch, simple_progress
+
+    if args.max_new_tokens < 1:
+        raise KvscopeError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not Path(args.input).is_file():
+        raise KvscopeError(f"--input {args.input}: file not found")
+    engine = _make_engine(args)
+    defaults = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
+    progress = None if args.quiet else simple_progress
+    summary = run_batch(engine, Path(args.input), Path(args.output), defaults, progress)
+    if not args.quiet:
+        sys.stderr.write(
+            f"\n{summary['requests']} requests ({summary['errors']} errors), "
+            f"{summary['tokens']} tokens, cached {summary['cached']}, "
+            f"{summary['corrupt']} corrupt\n"
+        )
+    return 3 if args.strict and summary["corrupt"] else 0
+
+
+def cmd_tui(args) -> int:
+    from inspector.app import run_app
+
+    engine = _make_engine(args)
+    run_app(engine, screen=args.mode)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from runtime.weights.tiny import write_tiny
+
+    out = write_tiny(args.out, args.arch, seed=args.seed)
+    print(f"wrote {args.arch} checkpoint to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"batch": cmd_batch, "chat": cmd_tui, "inspect": cmd_tui}
+    handlers["make-tiny"] = cmd_make_tiny
+    try:
+        return handlers[args.mode](args)
+    except KvscopeError as e:
+        sys.stderr.write(f"kvscope: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Common command-line options and their translation into an EngineConfig."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from runtime.engine import EngineConfig
+from runtime.errors import KvscopeError
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo"
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1})
+
+
+def parse_size(text: str, flag: str = "SIZE") -> int:
+    """'1048576', '512M', '2GiB', '1.5G' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else ""
+    unit = unit[:-1] if unit.endswith("B") and unit not in ("B",) and unit[:-1] in _UNITS else unit
+    if not m or unit not in _UNITS:
+        raise KvscopeError(f"{flag} {text!r}: not a size; use bytes or K/M/G (KiB/MiB/GiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", default=str(DEMO_MODEL), help="checkpoint directory (HF layout)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--quant", default="none", choices=["none", "nf4", "int8", "int4"])
+    g.add_argument("--page-size", type=int, default=64, help="tokens per KV page")
+    g.add_argument("--gpu-mem", help="SIZE of GPU memory for weights")
+    g.add_argument("--cpu-mem", help="SIZE of host memory for weights")
+    g.add_argument("--kv-mem", help="SIZE of the L1 KV page pool")
+    g.add_argument("--kv-host-mem", help="SIZE of the L2 host KV pool")
+    g.add_argument("--kv-disk", help="directory of the L3 disk KV store")
+    g.add_argument("--kv-disk-size", help="SIZE budget of the L3 disk store")
+    g.add_argument(
+        "--write-policy",
+        default="write_through",
+        choices=["write_through", "write_through_selective", "write_back"],
+    )
+    g.add_argument("--expert-cache", help="SIZE or number of experts cached on the GPU")
+    g.add_argument("--layer-split", type=int, default=1, help="ranks for LayerSplit")
+    g.add_argument("--inject", action="append", default=[], help="fault KIND[:RATE]")
+    g.add_argument("--unsafe", action="store_true", help="turn KV protections off (demo only)")
+    g.add_argument("--max-running", type=int, default=16, help="requests decoded together")
+    g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if args.page_size < 1:
+        raise KvscopeError(f"--page-size {args.page_size}: must be >= 1")
+    if args.max_running < 1:
+        raise KvscopeError(f"--max-running {args.max_running}: must be >= 1")
+    unsupported = {
+        "--quant": args.quant != "none",
+        "--layer-split": args.layer_split != 1,
+        "--inject": bool(args.inject),
+        "--unsafe": args.unsafe,
+        "--kv-disk": args.kv_disk is not None,
+        "--kv-host-mem": args.kv_host_mem is not None,
+        "--expert-cache": args.expert_cache is not None,
+    }
+    for flag, used in unsupported.items():
+        if used:
+            raise KvscopeError(f"{flag}: not available in this build yet")
+    if not Path(args.model).is_dir():
+        raise KvscopeError(f"--model {args.model}: not a directory")
+    return EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        page_size=args.page_size,
+        kv_mem=parse_size(args.kv_mem, "--kv-mem") if args.kv_mem else None,
+        max_running=args.max_running,
+        timeout_s=args.timeout,
+    )
