@@ -88,7 +88,10 @@ def cmd_make_tiny(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (exit 2) and -h (exit 0)
+        return int(e.code or 0)
     handlers = {"batch": cmd_batch, "chat": cmd_tui, "inspect": cmd_tui}
     handlers["make-tiny"] = cmd_make_tiny
     try:

@@ -229,33 +229,44 @@ class Engine:
         active = [self._requests[r] for r in self._queue]
         running = [r for r in active if r.status == "decode"]
         planned: set[str] = set()
+        preempted = False
         for req in running:
             if req.status != "decode":  # preempted by an earlier request in this loop
                 continue
             start = req.computed
             while not self._grow(req, start + 1):
-                victims = [
+                # Preempt (recompute later) the youngest request holding pages that is not
+                # already in this step; that may be `req` itself, which then waits.
+                others = [
                     r for r in active if r.pages and r is not req and r.request_id not in planned
                 ]
-                if not victims:
+                if not others and not planned:
                     events.append(self._error(req, "KV pool exhausted; raise --kv-mem"))
                     break
-                victim = max(victims, key=lambda r: r.submitted_at)
+                victim = max(others + [req], key=lambda r: r.submitted_at)
                 self._release(victim)
-                victim.status = "waiting"  # preempted: recompute its tokens later
+                victim.status = "waiting"
+                preempted = True
+                if victim is req:
+                    break
             else:
                 plan.append((req, start, start + 1))
                 planned.add(req.request_id)
                 budget -= 1
         n_running = len(plan)
+        reserve = len(plan)  # keep a page per decoding request so admission cannot starve it
         for req in active:
+            if preempted:  # memory is short: no admission in a step that had to preempt
+                break
             if req.status not in ("waiting", "prefill") or budget <= 0:
                 continue
             if n_running >= self.config.max_running:
                 break
-            total = len(req.tokens)
-            end = min(total, req.computed + budget)
-            if not self._grow(req, end):
+            end = min(len(req.tokens), req.computed + budget)
+            need = -(-end // self.config.page_size) - len(req.pages)
+            if need + (reserve if not req.pages else 0) > len(self._free) or not self._grow(
+                req, end
+            ):
                 continue  # admission: wait until pages free up
             plan.append((req, req.computed, end))
             req.status = "prefill"

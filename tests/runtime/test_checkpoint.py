@@ -1,0 +1,77 @@
+"""Checkpoint loading: sharded index, MTP layers left unloaded, parse errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from runtime.config import load_config, parse_config
+from runtime.engine import Engine, EngineConfig
+from runtime.errors import CheckpointError, ConfigError
+from runtime.weights.checkpoint import Checkpoint
+from runtime.weights.tiny import tiny_config, write_tiny
+
+
+def test_sharded_checkpoint_gives_same_tokens(tmp_path, tiny_dsa):
+    tensors = load_file(str(tiny_dsa / "model.safetensors"))
+    d = tmp_path / "sharded"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_dsa / "config.json").read_text())
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2]}
+    shards["model-00002-of-00002.safetensors"] = names[1::2]
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(d / fname))
+        weight_map.update({k: fname for k in keys})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = EngineConfig(device="cpu", dtype="float32", page_size=8)
+    prompt = list(range(3, 30))
+    a = Engine(tiny_dsa, cfg).generate(prompt, max_new_tokens=10, ignore_eos=True)
+    b = Engine(d, cfg).generate(prompt, max_new_tokens=10, ignore_eos=True)
+    assert a == b
+
+
+def test_mtp_layer_is_recognised_and_left_unloaded(tmp_path):
+    d = write_tiny(tmp_path, "glm_moe_dsa", num_nextn_predict_layers=1)
+    tensors = load_file(str(d / "model.safetensors"))
+    n = load_config(d).num_layers
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(4, 4)
+    tensors[f"model.layers.{n}.enorm.weight"] = torch.zeros(4)
+    save_file(tensors, str(d / "model.safetensors"))
+    Engine(d, EngineConfig(device="cpu"))  # loads without error
+    raw = json.loads((d / "config.json").read_text())
+    raw["num_nextn_predict_layers"] = 0
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="beyond num_hidden_layers"):
+        Engine(d, EngineConfig(device="cpu"))
+
+
+def test_lazy_access_does_not_read_everything(tiny_glm4):
+    ck = Checkpoint(tiny_glm4)
+    assert ck.shape("model.embed_tokens.weight") == (203, 40)
+    with pytest.raises(CheckpointError, match="missing"):
+        ck.get("model.nope")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="supported"):
+        parse_config({"model_type": "qwen3"})
+    raw = tiny_config("glm_moe_dsa", n_group=3)
+    with pytest.raises(ConfigError, match="n_group"):
+        parse_config(raw)
+    raw = tiny_config("glm_moe_dsa")
+    del raw["kv_lora_rank"]
+    with pytest.raises(ConfigError, match="kv_lora_rank"):
+        parse_config(raw)
+
+
+def test_legacy_rope_fields():
+    raw = tiny_config("glm4_moe")
+    del raw["rope_parameters"]
+    raw["rope_theta"] = 500.0
+    cfg = parse_config(raw)
+    assert cfg.rope.theta == 500.0 and cfg.rotary_dim == 6
