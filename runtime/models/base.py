@@ -11,7 +11,7 @@ from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.kv.pool import KVPool
 from runtime.models.batch import ForwardBatch
-from runtime.models.layers import DenseMLP, Experts, MoE, Router, rms_norm
+from runtime.models.layers import DenseMLP, Experts, MoE, Router, linear, rms_norm
 from runtime.weights.checkpoint import Checkpoint
 
 
@@ -136,4 +136,4 @@ class CausalLM:
         if not all_logits:
             h = h[batch.last_token_index().to(self.device)]
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()

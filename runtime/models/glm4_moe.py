@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.batch import ForwardBatch
 from runtime.models.glm_moe_dsa import _causal
-from runtime.models.layers import rms_norm
+from runtime.models.layers import linear, rms_norm
 from runtime.models.rope import RotaryTables, rope_neox_partial
 
 
@@ -37,9 +36,9 @@ class GQAAttention:
         cfg = self.cfg
         t, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = h // hk
-        q = F.linear(x, self.wq, self.bq).view(t, h, dh)
-        k = F.linear(x, self.wk, self.bk).view(t, hk, dh)
-        v = F.linear(x, self.wv, self.bv).view(t, hk, dh)
+        q = linear(x, self.wq, self.bq).view(t, h, dh)
+        k = linear(x, self.wk, self.bk).view(t, hk, dh)
+        v = linear(x, self.wv, self.bv).view(t, hk, dh)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
@@ -60,7 +59,7 @@ class GQAAttention:
             allowed = _causal(seq.start, seq.end, x.device)[:, None, None, :]
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(x.dtype)
             out[sl] = torch.einsum("nkgc,ckd->nkgd", probs, vals).reshape(seq.n, h, dh)
-        return F.linear(out.view(t, -1), self.wo)
+        return linear(out.view(t, -1), self.wo)
 
 
 class Glm4MoeForCausalLM(CausalLM):

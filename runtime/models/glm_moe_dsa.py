@@ -22,7 +22,7 @@ from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.batch import ForwardBatch
-from runtime.models.layers import rms_norm
+from runtime.models.layers import linear, rms_norm
 from runtime.models.rope import RotaryTables, rope_interleaved, yarn_mscale
 
 NORM_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm and the indexer's k_norm use 1e-6 in GLM-5
@@ -60,18 +60,21 @@ class MLAAttention:
         t = x.shape[0]
         nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         cos, sin = state["cos_sin"]
-        q_resid = rms_norm(F.linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
-        q = F.linear(q_resid, self.q_b).view(t, nh, nd + r)
+        q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
+        q = linear(q_resid, self.q_b).view(t, nh, nd + r)
         q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)  # [T,H,Nd], [T,H,R]
-        ckv = F.linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl+R]
+        ckv = linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl+R]
         latent = rms_norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
         k_rot = rope_interleaved(ckv[:, kl:], cos, sin)  # [T, R]
         pool.store(layer, "latent", batch.new_rows, torch.cat([latent, k_rot], dim=-1))
 
         if self.indexer is not None:
             q_idx, w_idx = self._indexer_queries(x, q_resid, batch, pool, layer, cos, sin)
-        q_lat = torch.einsum("thd,hdk->thk", q_nope, self.w_uk)  # [T, H, Kl]
-        out = torch.empty((t, nh, cfg.v_head_dim), dtype=x.dtype, device=x.device)
+        # Absorbed queries against the latent plane: q_abs [H, T, Kl+R] = (q_nope @ W_uk, q_rope)
+        q_abs = torch.cat(
+            [torch.bmm(q_nope.transpose(0, 1), self.w_uk), q_rope.transpose(0, 1)], dim=-1
+        )
+        out = torch.empty((nh, t, cfg.v_head_dim), dtype=x.dtype, device=x.device)
         for si, seq in enumerate(batch.seqs):
             for hook in batch.before_read:
                 hook(layer, "latent", si)
@@ -82,28 +85,28 @@ class MLAAttention:
             else:
                 sel = state["topk"][si]
             kv = pool.gather(layer, "latent", seq.ctx_rows)  # [c, Kl+R]
-            scores = torch.einsum("nhk,ck->nhc", q_lat[sl], kv[:, :kl])
-            scores = scores + torch.einsum("nhr,cr->nhc", q_rope[sl], kv[:, kl:])
-            scores = scores.float() * self.scaling  # [n, H, c]
-            allowed = _causal(seq.start, seq.end, x.device)  # [n, c]
-            if sel is not None:
-                allowed &= torch.zeros_like(allowed).scatter_(1, sel, True)
-            scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+            scores = torch.matmul(q_abs[:, sl], kv.t()).float() * self.scaling  # [H, n, c]
+            if seq.n > 1 or sel is not None:  # a lone last token sees every position
+                allowed = _causal(seq.start, seq.end, x.device)  # [n, c]
+                if sel is not None:
+                    allowed &= torch.zeros_like(allowed).scatter_(1, sel, True)
+                scores = scores.masked_fill(~allowed, float("-inf"))
             probs = scores.softmax(dim=-1).to(x.dtype)
-            o_lat = torch.einsum("nhc,ck->nhk", probs, kv[:, :kl])  # [n, H, Kl]
-            out[sl] = torch.einsum("nhk,hvk->nhv", o_lat, self.w_uv)
-        return F.linear(out.view(t, -1), self.o_proj, self.o_bias)
+            o_lat = torch.matmul(probs, kv[:, :kl])  # [H, n, Kl]
+            out[:, sl] = torch.bmm(o_lat, self.w_uv.transpose(1, 2))  # [H, n, Vd]
+        out = out.transpose(0, 1).reshape(t, nh * cfg.v_head_dim)
+        return linear(out, self.o_proj, self.o_bias)
 
     def _indexer_queries(self, x, q_resid, batch, pool, layer, cos, sin):
         """Indexer queries [T, Hi, Di], head weights [T, Hi] (fp32); stores the key plane."""
         cfg, ix = self.cfg, self.indexer
         t, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
-        q = F.linear(q_resid, ix.wq_b).view(t, hi, di)
+        q = linear(q_resid, ix.wq_b).view(t, hi, di)
         q = torch.cat([rope_interleaved(q[..., :r], cos, sin), q[..., r:]], dim=-1)
-        k = F.layer_norm(F.linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
+        k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
         k = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
         pool.store(layer, "index_k", batch.new_rows, k)
-        w = F.linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
+        w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
         return q, w
 
     def _select(self, q_idx, w_idx, seq, pool, layer, batch, si):

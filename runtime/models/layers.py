@@ -12,6 +12,15 @@ import torch
 import torch.nn.functional as F
 
 
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ w.T + b for a plain weight tensor [out, in], or for a quantized / offloaded
+    weight object that is callable as w(x) (see runtime/weights/)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    y = w(x)
+    return y if b is None else y + b
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32 and cast back, matching the HF reference bit for bit in fp32."""
     dtype = x.dtype
@@ -27,7 +36,7 @@ class DenseMLP:
     down: torch.Tensor  # [D, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
 @dataclass
