@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int)
     b.add_argument("--strict", action="store_true", help="exit 3 if any corruption was found")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    from app.bench import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="kvscope vs transformers and the physical floors"))
     t = sub.add_parser("make-tiny", help="write a random tiny checkpoint")
     t.add_argument("--arch", required=True, choices=["glm_moe_dsa", "glm4_moe"])
     t.add_argument("--out", required=True)
@@ -87,6 +90,12 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_bench(args, argv: list[str] | None = None) -> int:
+    from app.bench import cmd_bench as run
+
+    return run(args, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     handlers = {"batch": cmd_batch, "chat": cmd_tui, "inspect": cmd_tui}
     handlers["make-tiny"] = cmd_make_tiny
+    handlers["bench"] = lambda a: cmd_bench(a, argv)
     try:
         return handlers[args.mode](args)
     except KvscopeError as e:

@@ -9,11 +9,14 @@ from runtime.models.base import CausalLM
 from runtime.weights.checkpoint import Checkpoint
 
 
-def build_model(cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device) -> CausalLM:
+def build_model(
+    cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device, plan=None
+) -> CausalLM:
+    """``plan``: a runtime.weights.placement.WeightPlan (quantization, expert offload)."""
     if cfg.arch == "glm_moe_dsa":
         from runtime.models.glm_moe_dsa import GlmMoeDsaForCausalLM
 
-        return GlmMoeDsaForCausalLM(cfg, ckpt, dtype, device)
+        return GlmMoeDsaForCausalLM(cfg, ckpt, dtype, device, plan)
     from runtime.models.glm4_moe import Glm4MoeForCausalLM
 
-    return Glm4MoeForCausalLM(cfg, ckpt, dtype, device)
+    return Glm4MoeForCausalLM(cfg, ckpt, dtype, device, plan)

@@ -12,18 +12,59 @@ from runtime.errors import CheckpointError
 from runtime.kv.pool import KVPool
 from runtime.models.batch import ForwardBatch
 from runtime.models.layers import DenseMLP, Experts, MoE, Router, linear, rms_norm
+from runtime.weights import fp8
 from runtime.weights.checkpoint import Checkpoint
+from runtime.weights.expert_cache import slot_kernel
+from runtime.weights.quant import is_linear_weight, quantize_weight, resident_experts
 
 
 class WeightReader:
-    """Reads tensors by HF name, checking each against the shape config.json implies."""
+    """Reads tensors by HF name, checking each against the shape config.json implies.
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device):
-        self.ckpt, self.dtype, self.device = ckpt, dtype, device
+    With a `WeightPlan` (runtime/weights/placement.py) linear weights (names in
+    runtime/weights/quant.LINEAR_SUFFIXES, read without an explicit dtype) are quantized as
+    ``--quant`` asks, or kept FP8 on Hopper; those come back as objects callable by linear().
+    FP8 block-scaled weights (``<name>_scale_inv`` beside them) are dequantized on the fly.
+    `tensor()` always returns a plain tensor.
+    """
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, plan=None):
+        self.ckpt, self.dtype, self.device, self.plan = ckpt, dtype, device, plan
+        self.quant = plan.quant if plan is not None else "none"
+        self.keep_fp8 = plan.keep_fp8 if plan is not None else False
+        self.fp8_block = plan.fp8_block if plan is not None else fp8.block_size(ckpt.dir)
+
+    def _fp8_scale(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return None
+        sname = fp8.scale_name(name)
+        if not self.ckpt.has(sname):
+            raise CheckpointError(
+                f"{self.ckpt.file_of(name)}: FP8 tensor '{name}' has no '{sname}'; only "
+                "block-scaled FP8 checkpoints (weight_scale_inv) are supported"
+            )
+        s = self.ckpt.get(sname)
+        fp8.check_scale(name, t, s, self.fp8_block, str(self.ckpt.file_of(sname)))
+        return s.to(self.device)
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None):
+        t = self.ckpt.get(name, expect_shape=shape)
+        scale = self._fp8_scale(name, t)
+        if scale is not None:
+            t = fp8.dequantize_fp8_block(t.to(self.device), scale, self.fp8_block, dtype or self.dtype)
+            return t.contiguous()
+        return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None):
-        t = self.ckpt.get(name, expect_shape=shape)
-        return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
+        if dtype is None and len(shape) == 2 and is_linear_weight(name):
+            if self.quant != "none":
+                return quantize_weight(self.tensor(name, shape), self.quant)
+            if self.keep_fp8:
+                t = self.ckpt.get(name, expect_shape=shape)
+                scale = self._fp8_scale(name, t)
+                if scale is not None:
+                    return fp8.Fp8BlockWeight(t.to(self.device), scale, self.fp8_block)
+        return self.tensor(name, shape, dtype)
 
     def maybe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None):
         return self(name, shape, dtype) if self.ckpt.has(name) else None
@@ -48,21 +89,26 @@ def load_moe(w: WeightReader, cfg: ModelConfig, prefix: str) -> MoE:
         norm_topk_prob=cfg.norm_topk_prob,
         scaling=cfg.routed_scaling_factor,
     )
-    if w.ckpt.has(f"{prefix}.experts.gate_up_proj"):  # transformers-5 fused layout
-        gate_up = w(f"{prefix}.experts.gate_up_proj", (e, 2 * i, d))
-        down = w(f"{prefix}.experts.down_proj", (e, d, i))
-    else:  # per-expert names, as the published checkpoints ship them
-        gate_up = torch.empty((e, 2 * i, d), dtype=w.dtype, device=w.device)
-        down = torch.empty((e, d, i), dtype=w.dtype, device=w.device)
-        for x in range(e):
-            p = f"{prefix}.experts.{x}"
-            gate_up[x, :i] = w(f"{p}.gate_proj.weight", (i, d))
-            gate_up[x, i:] = w(f"{p}.up_proj.weight", (i, d))
-            down[x] = w(f"{p}.down_proj.weight", (d, i))
+    if w.plan is not None and w.plan.offload:  # routed experts behind the expert cache
+        bank = w.plan.expert_bank(int(prefix.split(".")[2]), prefix, router)
+        experts = Experts(None, None, bank=bank, fused_slots=slot_kernel(bank.cache))
+    else:
+        if w.ckpt.has(f"{prefix}.experts.gate_up_proj"):  # transformers-5 fused layout
+            gate_up = w.tensor(f"{prefix}.experts.gate_up_proj", (e, 2 * i, d))
+            down = w.tensor(f"{prefix}.experts.down_proj", (e, d, i))
+        else:  # per-expert names, as the published checkpoints ship them
+            gate_up = torch.empty((e, 2 * i, d), dtype=w.dtype, device=w.device)
+            down = torch.empty((e, d, i), dtype=w.dtype, device=w.device)
+            for x in range(e):
+                p = f"{prefix}.experts.{x}"
+                gate_up[x, :i] = w.tensor(f"{p}.gate_proj.weight", (i, d))
+                gate_up[x, i:] = w.tensor(f"{p}.up_proj.weight", (i, d))
+                down[x] = w.tensor(f"{p}.down_proj.weight", (d, i))
+        experts = Experts(**resident_experts(gate_up, down, w.quant))
     shared = None
     if cfg.n_shared_experts > 0:
         shared = load_mlp(w, f"{prefix}.shared_experts", d, i * cfg.n_shared_experts)
-    return MoE(router=router, experts=Experts(gate_up=gate_up, down=down), shared=shared)
+    return MoE(router=router, experts=experts, shared=shared)
 
 
 @dataclass
@@ -76,9 +122,9 @@ class DecoderLayer:
 class CausalLM:
     """Forward over a ForwardBatch; KV planes live in a KVPool. Subclasses build `attn`."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device, plan=None):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        w = WeightReader(ckpt, dtype, self.device)
+        w = WeightReader(ckpt, dtype, self.device, plan)  # plan: runtime/weights/placement.py
         d, v = cfg.hidden_size, cfg.vocab_size
         self.embed = w("model.embed_tokens.weight", (v, d))
         self.norm = w("model.norm.weight", (d,))

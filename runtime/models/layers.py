@@ -73,19 +73,55 @@ class Router:
 
 @dataclass
 class Experts:
-    """Routed experts stacked per layer; only experts that received tokens run."""
+    """Routed experts of one layer; only experts that received tokens run.
 
-    gate_up: torch.Tensor  # [E, 2I, D] gate rows first, then up
-    down: torch.Tensor  # [E, D, I]
+    ``gate_up`` / ``down``: stacked tensors ([E, 2I, D] gate rows first, [E, D, I]) or any
+    sequences of per-expert weights usable with linear() (quantized: runtime/weights/quant.py).
+    ``fused``: optional (x, weights, ids) -> [T, D] that replaces the per-expert loop (the int4
+    kernel). ``bank``: set when routed experts are offloaded (runtime/weights/expert_cache.py):
+    the layer acquires its experts through the expert cache, starts the next layer's prefetch,
+    and computes on whatever device each expert's weights sit (CPU for cold experts). With
+    ``fused_slots`` (CUDA) a layer whose experts all sit in cache slots runs one fused kernel
+    over the slot pool with ids remapped to slots.
+    """
+
+    gate_up: object
+    down: object
+    fused: object = None
+    bank: object = None
+    fused_slots: object = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.bank.cache.store.num_experts if self.bank is not None else len(self.gate_up)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D], weights/ids [T, K] -> [T, D]. Tokens are sorted by expert, run per
-        active expert as one GEMM, weighted and scattered back (no one-hot over all experts)."""
+        """x [T, D], weights/ids [T, K] -> [T, D]."""
+        if self.bank is None:
+            if self.fused is not None:
+                return self.fused(x, weights, ids)
+            return self._loop(x, weights, ids, lambda e: (self.gate_up[e], self.down[e]))
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()
+        active = [e for e, n in enumerate(counts) if n]
+        got = self.bank.acquire(active, [counts[e] for e in active])
+        try:
+            self.bank.prefetch_next(x)  # overlaps the next layer's copies with this compute
+            if self.fused_slots is not None:
+                slot_ids = self.bank.fused_ids(ids, got)
+                if slot_ids is not None:
+                    return self.fused_slots(x, weights, slot_ids)
+            return self._loop(x, weights, ids, got.weights.__getitem__)
+        finally:
+            self.bank.release(got)
+
+    def _loop(self, x, weights, ids, weights_of) -> torch.Tensor:
+        """Tokens sorted by expert, run per active expert as one GEMM, weighted and scattered
+        back (no one-hot over all experts). ``weights_of(e)`` -> (gate_up, down) for linear()."""
         t, k = ids.shape
         flat_ids = ids.reshape(-1)  # [T*K]
         order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
         token_of = order // k  # [T*K] source token of each sorted assignment
-        counts = torch.bincount(flat_ids, minlength=self.gate_up.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         xs = x[token_of]  # [T*K, D] gathered
         w_sorted = weights.reshape(-1)[order].unsqueeze(-1)  # [T*K, 1]
         out = torch.empty_like(xs)
@@ -94,8 +130,12 @@ class Experts:
             if n == 0:
                 continue
             sl = slice(start, start + n)
-            gate, up = F.linear(xs[sl], self.gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-            out[sl] = F.linear(F.silu(gate) * up, self.down[e])
+            gate_up, down = weights_of(e)
+            xe = xs[sl]
+            if gate_up.device != xe.device:  # a cold expert computed where it lives (CPU)
+                xe = xe.to(gate_up.device)
+            gate, up = linear(xe, gate_up).chunk(2, dim=-1)  # [n, I] each
+            out[sl] = linear(F.silu(gate) * up, down).to(out.device)
             start += n
         out = (out * w_sorted).to(x.dtype)  # weights stay fp32 as in the reference
         result = torch.zeros_like(x)

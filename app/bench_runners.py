@@ -1,0 +1,175 @@
+"""The contenders of `kvscope bench`: kvscope's engine and transformers, driven the same way.
+
+Each runner's `run(prompts, n)` generates exactly `n` greedy tokens for every prompt of a batch of
+same-length prompts (no padding) and returns a RunResult with the time to the first token of the
+whole batch (prefill), the time of the remaining n - 1 decode steps and the tokens.
+
+transformers variants: `experts_implementation` eager / grouped_mm / batched_mm with the default
+dynamic cache, and optionally static cache + torch.compile (grouped_mm). The peer model's
+generation config has its EOS removed, so `min_new_tokens == max_new_tokens` produces exactly n
+tokens without suppressing any logit (kvscope runs with ignore_eos, which does not suppress EOS
+either): greedy tokens are then comparable one to one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from runtime.errors import KvscopeError
+
+EAGER = "eager"
+HF_VARIANTS = (EAGER, "grouped_mm", "batched_mm")
+COMPILE_VARIANT = "static+compile"
+HF_CLASSES = {"glm_moe_dsa": "GlmMoeDsaForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+
+
+@dataclass
+class RunResult:
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    prefill_s: float  # start -> every sequence has its first token's logits
+    decode_s: float  # the remaining new_tokens - 1 steps
+    tokens: list[list[int]]
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.batch * self.prompt_len / self.prefill_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1
+        return self.batch * steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class KvscopeRunner:
+    name = "kvscope"
+
+    def __init__(self, model_dir: str | Path, config, max_batch: int, prompt_len: int):
+        from runtime.engine import Engine
+
+        # The whole batch's prompts prefill in one step, as transformers' one forward does.
+        config = replace(
+            config,
+            max_batch_tokens=max(config.max_batch_tokens, max_batch * prompt_len),
+            max_running=max(config.max_running, max_batch),
+        )
+        self.engine = Engine(model_dir, config)
+        self.device = self.engine.device
+        self.dtype = self.engine.dtype
+
+    def run(self, prompts: list[list[int]], n: int) -> RunResult:
+        eng = self.engine
+        t0 = time.perf_counter()
+        reqs = [
+            eng.request(eng.submit(prompt_ids=p, max_new_tokens=n, ignore_eos=True))
+            for p in prompts
+        ]
+        while any(r.first_token_at is None and not r.done for r in reqs):
+            eng.step()
+        t1 = time.perf_counter()
+        while any(not r.done for r in reqs):
+            eng.step()
+        t2 = time.perf_counter()
+        for r in reqs:
+            if r.status != "finished" or len(r.output_ids) != n:
+                why = "; ".join(r.violations) or r.finish_reason
+                raise KvscopeError(f"bench: kvscope request ended with {r.status} ({why})")
+            eng._requests.pop(r.request_id, None)  # keep the engine's table small across repeats
+        return RunResult(
+            len(prompts), len(prompts[0]), n, t1 - t0, t2 - t1, [r.output_ids for r in reqs]
+        )
+
+
+class HFRunner:
+    """One transformers model; `variant` picks its experts implementation (or static+compile)."""
+
+    def __init__(self, model_dir: str | Path, arch: str, dtype: torch.dtype, device, variant: str):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        cls = getattr(transformers, HF_CLASSES[arch])
+        self.device = torch.device(device)
+        self.model = cls.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
+        self.model.generation_config.eos_token_id = None  # see the module docstring
+        self.variant = variant
+        self.compiled = variant == COMPILE_VARIANT
+        impl = "grouped_mm" if self.compiled else variant
+        self.model.set_experts_implementation(impl)
+        self.attn = self.model.config._attn_implementation
+
+    def set_variant(self, variant: str) -> None:
+        if variant == self.variant:
+            return
+        if self.compiled or variant == COMPILE_VARIANT:
+            raise ValueError("the static+compile variant runs on its own model instance")
+        self.model.set_experts_implementation(variant)
+        self.variant = variant
+
+    def run(self, prompts: list[list[int]], n: int) -> RunResult:
+        from transformers import (
+            CompileConfig,
+            GenerationConfig,
+            LogitsProcessor,
+            LogitsProcessorList,
+        )
+
+        device = self.device
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):  # called once per forward, before the token is chosen
+            def __call__(self, input_ids, scores):
+                _sync(device)
+                stamps.append(time.perf_counter())
+                return scores
+
+        kw = {}
+        if self.compiled:
+            kw = dict(
+                cache_implementation="static",
+                compile_config=CompileConfig(mode="default", dynamic=False),
+            )
+            kw["compile_config"]._compile_all_devices = True
+        gc = GenerationConfig(
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kw
+        )
+        ids = torch.tensor(prompts, dtype=torch.long, device=device)
+        _sync(device)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=gc,
+                logits_processor=LogitsProcessorList([Stamp()]),
+            )
+            _sync(device)
+        new = out[:, ids.shape[1] :].tolist()
+        if len(stamps) != n or any(len(t) != n for t in new):
+            raise KvscopeError(f"bench: transformers produced {len(stamps)} steps, expected {n}")
+        return RunResult(
+            len(prompts), len(prompts[0]), n, stamps[0] - t0, stamps[-1] - stamps[0], new
+        )
+
+
+def agreement(a: list[int], b: list[int]) -> dict:
+    """Greedy agreement of two token lists: matching prefix and matching positions."""
+    prefix = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    same = sum(x == y for x, y in zip(a, b, strict=False))
+    return {
+        "tokens": len(a),
+        "matching": same,
+        "first_divergence": None if prefix == len(a) else prefix,
+    }

@@ -1,0 +1,1 @@
+"""Screens of the kvscope TUI: chat, inspector, model info."""

@@ -1,0 +1,1 @@
+"""Widgets of the kvscope TUI, one concern per file."""

@@ -1,0 +1,250 @@
+"""Quantized weights for `layers.linear()`: bitsandbytes NF4 / int8 and kvscope's own int4 groups.
+
+A quantized weight is an object callable as ``w(x) -> x @ W.T`` (W [out, in]); `linear()` calls it.
+Every weight class also exposes ``shape`` (out, in), ``device``, ``nbytes`` and ``tensors()`` (its
+storage as named tensors, the unit the expert cache copies).
+
+Methods (``--quant``):
+- ``nf4``: bitsandbytes 4-bit NormalFloat, blocks of 64 along the flattened weight, fp32 absmax.
+- ``int8``: bitsandbytes LLM.int8() without outlier decomposition (row-wise absmax weights,
+  row-wise absmax fp16 activations, int8 GEMM, fp32 dequant).
+- ``int4``: group-wise asymmetric int4 (group 128 along the input dim, fp16 scales and integer
+  zero points), layout in ``kernels.int4_moe``; routed experts run the fused w4a16 Triton kernel
+  on CUDA and its torch reference on CPU, dense weights dequantize per call.
+
+What is quantized: the linear weights of attention, dense MLPs, shared experts and routed experts
+(names in LINEAR_SUFFIXES). Embeddings, the LM head, norms, the router and the DSA indexer's
+head-weight projection stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.int4_moe import Int4Packed, dequantize_int4, int4_group, quantize_int4
+from runtime.errors import KvscopeError
+
+METHODS = ("none", "nf4", "int8", "int4")
+INT4_GROUP = 128
+INT4_SCALE_DTYPE = torch.float16
+
+# Checkpoint names (suffixes) of weights that the models only use through `linear()`.
+LINEAR_SUFFIXES = (
+    ".q_a_proj.weight",
+    ".q_b_proj.weight",
+    ".kv_a_proj_with_mqa.weight",
+    ".o_proj.weight",
+    ".q_proj.weight",
+    ".k_proj.weight",
+    ".v_proj.weight",
+    ".indexer.wq_b.weight",
+    ".indexer.wk.weight",
+    ".gate_proj.weight",
+    ".up_proj.weight",
+    ".down_proj.weight",
+)
+
+
+def is_linear_weight(name: str) -> bool:
+    """Whether a checkpoint tensor is a linear weight that may be quantized (see module doc)."""
+    return name.endswith(LINEAR_SUFFIXES) and ".mlp.gate." not in name
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
+    return method
+
+
+class Int4Weight:
+    """One int4 weight [out, in]; dequantized to the activations' dtype per call."""
+
+    def __init__(self, packed: Int4Packed):
+        self.packed = packed
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.out_features, self.packed.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.q.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"q": self.packed.q, "scales": self.packed.scales, "zeros": self.packed.zeros}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_int4(self.packed, x.dtype))
+
+
+class Int4Stack:
+    """Routed experts of one layer in int4, stacked for the fused kernel: ``packed.q`` is
+    [E, N, ceil(K/2)]. ``stack[e]`` is expert e as an Int4Weight."""
+
+    def __init__(self, packed: Int4Packed):
+        assert packed.q.dim() == 3
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return self.packed.q.shape[0]
+
+    def __getitem__(self, e: int) -> Int4Weight:
+        return Int4Weight(self.packed.expert(e))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+def int4_moe_op(gate_up: Int4Stack, down: Int4Stack):
+    """(x, weights, ids) -> routed-expert output over int4 stacks: the Triton kernel on CUDA
+    (or under KVSCOPE_TRITON_INTERPRET=1), the torch reference otherwise."""
+
+    def run(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from kernels import backend
+        from kernels.int4_moe import int4_moe, reference_int4_moe
+
+        fn = int4_moe if backend.use_triton(x.device) else reference_int4_moe
+        return fn(x, gate_up.packed, down.packed, ids, weights)
+
+    return run
+
+
+def quantize_weight(w: torch.Tensor, method: str):
+    """W [out, in] in the compute dtype -> a weight usable with linear() (W itself for none)."""
+    if method == "none":
+        return w
+    if method == "int4":
+        return Int4Weight(quantize_int4(w, INT4_GROUP, INT4_SCALE_DTYPE))
+    from runtime.weights import quant_bnb
+
+    if method == "nf4":
+        return quant_bnb.Nf4Weight.quantize(w)
+    if method == "int8":
+        return quant_bnb.Int8Weight.quantize(w)
+    raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
+
+
+def weight_nbytes(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return int(w.nbytes)
+
+
+def linear_nbytes(out_f: int, in_f: int, method: str, dtype: torch.dtype) -> int:
+    """Bytes a [out, in] linear weight takes once quantized with ``method`` (for fit checks)."""
+    n = out_f * in_f
+    if method == "none":
+        return n * dtype.itemsize
+    if method == "int4":
+        groups = -(-in_f // int4_group(in_f, INT4_GROUP))
+        return out_f * (-(-in_f // 2)) + 2 * out_f * groups * INT4_SCALE_DTYPE.itemsize
+    if method == "nf4":
+        return (n + 1) // 2 + 4 * -(-n // 64)
+    if method == "int8":
+        return n + 4 * out_f
+    raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How one routed expert (gate_up [2I, D] gate rows first, down [D, I]) is stored.
+
+    ``encode`` turns full-precision weights into a record (named tensors, the unit the expert
+    store keeps and the cache copies); ``decode`` turns a record (wherever it lives) into the two
+    weights the expert loop passes to linear(); ``spec`` gives the record's shapes and dtypes so a
+    cache can preallocate slots. Records of every expert of a model have the same spec.
+    """
+
+    method: str
+    dtype: torch.dtype  # compute dtype
+    d: int  # hidden size
+    i: int  # moe intermediate size
+
+    def _parts(self) -> dict[str, tuple[int, int]]:
+        return {"gate_up": (2 * self.i, self.d), "down": (self.d, self.i)}
+
+    def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for part, (n, k) in self._parts().items():
+            if self.method == "none":
+                out[part] = ((n, k), self.dtype)
+            elif self.method == "int4":
+                ng = -(-k // int4_group(k, INT4_GROUP))
+                out[f"{part}.q"] = ((n, -(-k // 2)), torch.uint8)
+                out[f"{part}.scales"] = ((n, ng), INT4_SCALE_DTYPE)
+                out[f"{part}.zeros"] = ((n, ng), INT4_SCALE_DTYPE)
+            elif self.method == "nf4":
+                out[f"{part}.q"] = (((n * k + 1) // 2, 1), torch.uint8)
+                out[f"{part}.absmax"] = ((-(-n * k // 64),), torch.float32)
+            elif self.method == "int8":
+                out[f"{part}.cb"] = ((n, k), torch.int8)
+                out[f"{part}.scb"] = ((n,), torch.float32)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            torch.Size(shape).numel() * dt.itemsize for shape, dt in self.spec().values()
+        )
+
+    def encode(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        rec: dict[str, torch.Tensor] = {}
+        for part, w in (("gate_up", gate_up), ("down", down)):
+            q = quantize_weight(w.to(self.dtype).contiguous(), self.method)
+            if isinstance(q, torch.Tensor):
+                rec[part] = q
+            else:
+                rec.update({f"{part}.{k}": t.contiguous() for k, t in q.tensors().items()})
+        return rec
+
+    def decode(self, rec: dict[str, torch.Tensor]) -> tuple:
+        """Record -> (gate_up weight, down weight) for linear(); views into ``rec``."""
+        if self.method == "none":
+            return rec["gate_up"], rec["down"]
+        out = []
+        for part, (n, k) in self._parts().items():
+            if self.method == "int4":
+                p = Int4Packed(
+                    rec[f"{part}.q"],
+                    rec[f"{part}.scales"],
+                    rec[f"{part}.zeros"],
+                    k,
+                    int4_group(k, INT4_GROUP),
+                )
+                out.append(Int4Weight(p))
+            else:
+                from runtime.weights import quant_bnb
+
+                if self.method == "nf4":
+                    out.append(
+                        quant_bnb.Nf4Weight(
+                            rec[f"{part}.q"], rec[f"{part}.absmax"], (n, k), self.dtype
+                        )
+                    )
+                else:
+                    out.append(quant_bnb.Int8Weight(rec[f"{part}.cb"], rec[f"{part}.scb"]))
+        return tuple(out)
+
+
+def resident_experts(gate_up: torch.Tensor, down: torch.Tensor, method: str) -> dict:
+    """Fields of `layers.Experts` for routed experts kept on the compute device, quantized with
+    ``method``: stacked tensors (none), an Int4Stack pair + the fused op (int4), or per-expert
+    bitsandbytes weights (nf4, int8)."""
+    if method == "none":
+        return {"gate_up": gate_up, "down": down}
+    if method == "int4":
+        gu = Int4Stack(quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
+        dn = Int4Stack(quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))
+        return {"gate_up": gu, "down": dn, "fused": int4_moe_op(gu, dn)}
+    return {
+        "gate_up": [quantize_weight(w, method) for w in gate_up],
+        "down": [quantize_weight(w, method) for w in down],
+    }
