@@ -8,7 +8,6 @@ produced. Malformed lines become error records and the rest go on.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from runtime.engine import Engine
@@ -59,8 +58,17 @@ def result_record(engine: Engine, rid: str, user_id) -> dict:
     }
 
 
+def count_requests(inp: Path) -> int:
+    try:
+        with inp.open(encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError as e:
+        raise KvscopeError(f"--input {inp}: cannot read ({e.strerror})") from None
+
+
 def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=None) -> dict:
-    """Process every line of `inp`; returns summary counts."""
+    """Process every line of `inp`; returns summary counts. `progress` (optional) follows
+    inspector.batch_progress.BatchProgress: add_tokens / request_done / request_failed."""
     try:
         src = inp.open(encoding="utf-8")
     except OSError as e:
@@ -85,12 +93,24 @@ def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=Non
             for t, n in rec["usage"]["cached_tokens"].items():
                 summary["cached"][t] += n
             summary["corrupt"] += rec["integrity"]["verdict"] == "corrupt"
-        if progress:
-            progress(summary, engine)
+        if progress is not None:
+            if "error" in rec:
+                progress.request_failed()
+            else:
+                u = rec["usage"]
+                progress.request_done(
+                    prompt_tokens=u["prompt_tokens"],
+                    completion_tokens=u["completion_tokens"],
+                    cached_tokens=u["cached_tokens"],
+                    verdict=rec["integrity"]["verdict"],
+                    violations=len(rec["integrity"]["violations"]),
+                )
 
     def drain(until: int) -> None:
         while len(pending) > until:
             for ev in engine.step():
+                if progress is not None and ev.request_id in pending and ev.token_id >= 0:
+                    progress.add_tokens(1)
                 if ev.finished and ev.request_id in pending:
                     write(result_record(engine, ev.request_id, pending.pop(ev.request_id)))
 
@@ -122,11 +142,3 @@ def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=Non
             drain(window)
         drain(0)
     return summary
-
-
-def simple_progress(summary: dict, engine: Engine) -> None:
-    snap_rate = engine._decode_rate
-    sys.stderr.write(
-        f"\r{summary['requests']} done, {summary['tokens']} tokens, {snap_rate:7.1f} tok/s"
-    )
-    sys.stderr.flush()

@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvscope", description="Local MoE inference with a verified, tiered KV cache")
     sub = p.add_subparsers(dest="mode", required=True, parser_class=_Parser)
     for mode, text in (("chat", "TUI chat"), ("inspect", "TUI on the cache inspector")):
-        add_common(sub.add_parser(mode, help=text))
+        m = sub.add_parser(mode, help=text)
+        add_common(m)
+        m.add_argument("--max-new-tokens", type=int, default=256)
+        m.add_argument("--temperature", type=float, default=0.0)
+        m.add_argument("--seed", type=int)
     b = sub.add_parser("batch", help="JSONL in, JSONL out")
     add_common(b)
     b.add_argument("--input", required=True, help="input JSONL, one request per line")
@@ -51,7 +55,8 @@ def _make_engine(args):
 
 
 def cmd_batch(args) -> int:
-    from app.batch import run_batch, simple_progress
+    from app.batch import count_requests, run_batch
+    from inspector.batch_progress import BatchProgress
 
     if args.max_new_tokens < 1:
         raise KvscopeError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -63,14 +68,11 @@ def cmd_batch(args) -> int:
         "temperature": args.temperature,
         "seed": args.seed,
     }
-    progress = None if args.quiet else simple_progress
-    summary = run_batch(engine, Path(args.input), Path(args.output), defaults, progress)
-    if not args.quiet:
-        sys.stderr.write(
-            f"\n{summary['requests']} requests ({summary['errors']} errors), "
-            f"{summary['tokens']} tokens, cached {summary['cached']}, "
-            f"{summary['corrupt']} corrupt\n"
-        )
+    if args.quiet:
+        summary = run_batch(engine, Path(args.input), Path(args.output), defaults)
+    else:
+        with BatchProgress(total_requests=count_requests(Path(args.input))) as progress:
+            summary = run_batch(engine, Path(args.input), Path(args.output), defaults, progress)
     return 3 if args.strict and summary["corrupt"] else 0
 
 
@@ -78,7 +80,13 @@ def cmd_tui(args) -> int:
     from inspector.app import run_app
 
     engine = _make_engine(args)
-    run_app(engine, screen=args.mode)
+    run_app(
+        engine,
+        screen=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     return 0
 
 

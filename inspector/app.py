@@ -71,8 +71,12 @@ class KvscopeApp(App[None]):
         self.engine = engine
         self.start_screen = start_screen
         self.poll_interval = poll_interval
-        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             seed=seed)  # fmt: skip
+        self.sampling = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
         self.session = ChatSession()
         self.history = TelemetryHistory()
         self.snapshot: EngineSnapshot | None = None
@@ -128,7 +132,7 @@ class KvscopeApp(App[None]):
     def _poll_snapshot(self) -> None:
         try:
             snap: EngineSnapshot | None = self.engine.snapshot()
-        except Exception as exc:  # noqa: BLE001 - keep polling; say it once per failure
+        except Exception as exc:  # keep polling; say it once per failure
             self.log.error(f"engine.snapshot() failed: {exc!r}")
             snap = None
         self.post_message(SnapshotPolled(snap))
@@ -154,7 +158,7 @@ class KvscopeApp(App[None]):
                 request_id, fn = self._commands.get()
                 try:
                     result = fn()
-                except Exception as exc:  # noqa: BLE001 - shown to the user
+                except Exception as exc:  # shown to the user
                     self.post_message(CommandFailed(request_id, f"{type(exc).__name__}: {exc}"))
                     continue
                 if isinstance(result, list) and result and isinstance(result[0], TokenEvent):
@@ -164,18 +168,19 @@ class KvscopeApp(App[None]):
                 if manual:
                     self._manual_steps -= 1
                 blocked = self._paused and not manual
-            if blocked or not engine.has_work():
+            try:
+                idle = blocked or not engine.has_work()
+                events = [] if idle else engine.step()
+            except Exception as exc:  # a failing engine must not kill the UI
+                with self._lock:
+                    self._paused = True
+                self.post_message(EngineFailed(f"{type(exc).__name__}: {exc}"))
+                continue
+            if idle:
                 if manual:
                     self.post_message(EngineStepped((), manual=True))
                 self._wake.wait(0.1)
                 self._wake.clear()
-                continue
-            try:
-                events = engine.step()
-            except Exception as exc:  # noqa: BLE001 - a failing engine must not kill the UI
-                with self._lock:
-                    self._paused = True
-                self.post_message(EngineFailed(f"{type(exc).__name__}: {exc}"))
                 continue
             if events or manual:
                 self.post_message(EngineStepped(tuple(events), manual=manual))

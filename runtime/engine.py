@@ -44,6 +44,15 @@ class EngineConfig:
     max_batch_tokens: int = 512  # prefill chunk budget per step
     max_running: int = 16
     timeout_s: float | None = None  # default per-request timeout
+    # Weights (runtime/weights/placement.py, docs/quantization.md)
+    quant: str = "none"  # none | nf4 | int8 | int4
+    gpu_mem: int | None = None  # bytes of GPU memory for weights; None = free memory
+    cpu_mem: int | None = None  # bytes of host memory for weights; None = MemAvailable
+    expert_cache: str | None = None  # "N" experts | SIZE | "P%"; None = experts resident
+    expert_offload: str = "auto"  # auto | host | mmap: where offloaded experts live
+    expert_policy: str = "lru"  # lru | lfu
+    expert_prefetch: bool = True  # prefetch the next layer's predicted experts
+    expert_cpu_compute: bool = False  # cold experts on the CPU when cheaper than the copy
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -70,10 +79,27 @@ class Engine:
         self.device = self.config.resolve_device()
         self.dtype = self.config.resolve_dtype(self.device)
         from runtime.weights.checkpoint import Checkpoint
+        from runtime.weights.placement import LoadOptions, WeightPlan
 
-        self.model = build_model(
-            self.model_config, Checkpoint(self.model_dir), self.dtype, self.device
+        ckpt = Checkpoint(self.model_dir)
+        c = self.config
+        self.weight_plan = WeightPlan(  # quantization, expert offload, fit check (may raise)
+            LoadOptions(
+                quant=c.quant,
+                expert_cache=c.expert_cache,
+                expert_offload=c.expert_offload,
+                expert_policy=c.expert_policy,
+                expert_prefetch=c.expert_prefetch,
+                expert_cpu_compute=c.expert_cpu_compute,
+                gpu_mem=c.gpu_mem,
+                cpu_mem=c.cpu_mem,
+            ),
+            self.model_config,
+            ckpt,
+            self.dtype,
+            self.device,
         )
+        self.model = build_model(self.model_config, ckpt, self.dtype, self.device, self.weight_plan)
         has_tok = (self.model_dir / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer(self.model_dir) if has_tok else None
         self.eos_ids = self._eos_ids()
@@ -94,6 +120,7 @@ class Engine:
         self._tokens_generated = 0
         self._decode_rate = 0.0
         self._prefill_rate = 0.0
+        self._last_snapshot = None
 
     # ---------------------------------------------------------------- requests
     def _eos_ids(self) -> set[int]:
@@ -377,10 +404,17 @@ class Engine:
         return self._requests[rid].output_ids
 
     def snapshot(self):
+        """Immutable telemetry. Never waits for a running step: while one holds the lock, the
+        snapshot taken at the end of the previous call is returned."""
         from runtime.snapshot import build_snapshot
 
-        with self._lock:
-            return build_snapshot(self)
+        if not self._lock.acquire(blocking=self._last_snapshot is None):
+            return self._last_snapshot
+        try:
+            self._last_snapshot = build_snapshot(self)
+            return self._last_snapshot
+        finally:
+            self._lock.release()
 
     def model_info(self) -> dict[str, str]:
         cfg = self.model_config

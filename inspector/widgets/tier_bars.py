@@ -20,8 +20,11 @@ def tier_lines(snap: EngineSnapshot | None, width: int) -> Text:
         size = f"{human_bytes(usage.bytes_used)}/{human_bytes(usage.bytes_total)}"
         label = f"{usage.tier} {_NAMES.get(usage.tier, ''):<6} "
         tail = f" {pages:>15} {size:>19}"
-        frac = usage.pages_used / usage.pages_total if usage.pages_total else 0.0
         out.append(label, "bold")
+        if not usage.pages_total:
+            out.append("off (no pool configured)\n", "dim")
+            continue
+        frac = usage.pages_used / usage.pages_total
         out.append(bar(frac, width - len(label) - len(tail), TIER_COLORS.get(usage.tier, "white")))
         out.append(tail + "\n")
     out.append(

@@ -26,7 +26,7 @@ async def _manual_steps(pilot: Pilot, n: int) -> None:
     app = pilot.app
     for _ in range(n):
         seen = app.steps_seen
-        await pilot.press("full_stop")
+        app.action_step_once()  # what the "." key does (pressing it costs ~0.1 s per step)
         await _wait_for(pilot, lambda seen=seen: app.steps_seen > seen)
 
 

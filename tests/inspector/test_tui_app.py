@@ -88,7 +88,10 @@ async def test_tokens_appear_while_generating_and_stop_aborts(send, wait_for, ma
         await pilot.press("escape")
         await wait_for(pilot, lambda: view.reply.finished)
         assert view.reply.finish_reason == "abort" and "[stopped]" in view.render().plain
-        statuses = lambda: {r.request_id: r.status for r in app.engine.snapshot().requests}  # noqa: E731
+
+        def statuses() -> dict[str, str]:
+            return {r.request_id: r.status for r in app.engine.snapshot().requests}
+
         await wait_for(pilot, lambda: statuses() == {"chat-1": "aborted"})
         await pilot.press("ctrl+n")
         await wait_for(pilot, lambda: not app.screen.query(ReplyView))
@@ -122,7 +125,9 @@ async def test_inspector_follows_a_second_request(send, wait_for, manual_steps):
         await pilot.press("f2", "p")
         assert isinstance(app.screen, InspectScreen) and app.paused
         await wait_for(pilot, lambda: not engine.has_work())
-        await manual_steps(pilot, 1)
+        seen = app.steps_seen
+        await pilot.press("full_stop")  # "." steps once while paused
+        await wait_for(pilot, lambda: app.steps_seen == seen + 1)
         screen = app.screen
         page_map, bars = screen.query_one(PageMap), screen.query_one(TierBars)
         pages_before, l1_before = page_map.pages, l1_used(app)

@@ -24,14 +24,14 @@ def quiet(app: KvscopeApp) -> KvscopeApp:
     return app
 
 
-def test_chat_with_a_selected_token(snap_compare, send, wait_for):
-    app = quiet(KvscopeApp(FakeEngine(seed=7)))
+def test_chat_with_a_selected_corrupt_token(snap_compare, send, wait_for):
+    app = quiet(KvscopeApp(FakeEngine(seed=53)))  # its reply has suspect and corrupt tokens
 
     async def run_before(pilot):
         await send(pilot, "how does the cache keep tokens honest?")
         await wait_for(pilot, lambda: app.session.turns and app.session.active is None)
         await wait_for(pilot, lambda: ("chat-1", "finished") in app_requests(app))
-        await pilot.press("tab", "left", "left")
+        await pilot.press("tab")  # the newest reply's last token: the corrupt one
 
     assert snap_compare(app, terminal_size=(110, 30), run_before=run_before)
 
@@ -65,7 +65,7 @@ def test_inspector_charts_tab(snap_compare, manual_steps):
 
     async def run_before(pilot):
         await _two_requests(pilot, engine, manual_steps)
-        await manual_steps(pilot, 12)
+        await manual_steps(pilot, 8)
         await pilot.press("2")
 
     assert snap_compare(app, terminal_size=(120, 34), run_before=run_before)
