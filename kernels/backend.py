@@ -182,6 +182,7 @@ _TRITON_TYPE = {
     torch.bool: "i1",
 }
 _compile_target: Any = None
+_MAX_SMEM = 227 * 1024  # H100 / H200 per-block shared memory limit
 _compiled: list[str] = []
 
 
@@ -228,5 +229,7 @@ def _compile(kernel: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
         else:
             raise TypeError(f"{kernel.__name__}: cannot type argument {p.name}={v!r}")
     src = ASTSource(kernel, signature, constexprs=constexprs)
-    triton.compile(src, target=_compile_target, options=options)
-    _compiled.append(f"{kernel.fn.__module__}.{kernel.__name__}")
+    compiled = triton.compile(src, target=_compile_target, options=options)
+    smem = int(getattr(compiled.metadata, "shared", 0))
+    assert smem <= _MAX_SMEM, f"{kernel.__name__}: {smem} bytes of shared memory > {_MAX_SMEM}"
+    _compiled.append(f"{kernel.fn.__module__}.{kernel.__name__} (smem {smem // 1024} KiB)")

@@ -47,6 +47,7 @@ def _kernel(
     HI,
     DI,
     page_size,
+    max_pos,
     stride_qt,
     stride_qh,
     stride_wt,
@@ -64,7 +65,7 @@ def _kernel(
     t = tl.program_id(0).to(tl.int64)
     pos = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] key positions
     b = tl.load(seq_ptr + t).to(tl.int64)
-    limit = tl.load(limit_ptr + t)
+    limit = tl.minimum(tl.load(limit_ptr + t), max_pos)  # never past the page table
     valid = pos < limit
     h = tl.arange(0, BLOCK_H)  # [BH]
     hmask = h < HI
@@ -160,6 +161,7 @@ def dsa_indexer_scores(
         Hi,
         Di,
         k_cache.shape[1],
+        page_table.shape[1] * k_cache.shape[1],
         q.stride(0),
         q.stride(1),
         weights.stride(0),
@@ -221,7 +223,8 @@ def reference_dsa_indexer_scores(
     S = _max_len(token_limit, max_len)
     P = k_cache.shape[1]
     pos = torch.arange(S, device=q.device).expand(T, S)  # [T, S]
-    valid = pos < token_limit.long()[:, None]
+    limit = token_limit.long().clamp(max=page_table.shape[1] * P)  # [T]
+    valid = pos < limit[:, None]  # [T, S]
     pos = torch.where(valid, pos, 0)
     slots = page_table.long()[token_seq.long()[:, None], pos // P]  # [T, S]
     k = torch.where(valid[..., None], k_cache[slots, pos % P].float(), 0.0)  # [T, S, Di]

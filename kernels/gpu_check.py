@@ -254,8 +254,18 @@ CHECKS: dict[str, Callable] = {
 def _meta_launches() -> dict[str, Callable[[], object]]:
     """Every wrapper at GPU sizes on "meta" tensors (bf16, plus fp32 where dots take the exact
     "ieee" path): under backend.compile_only each launch compiles instead of running."""
-    from kernels import attn_combine, dsa_indexer, fused_moe, gqa_decode, mla_decode
-    from kernels import page_checksum, page_copy, page_store, rmsnorm, rope
+    from kernels import (
+        attn_combine,
+        dsa_indexer,
+        fused_moe,
+        gqa_decode,
+        mla_decode,
+        page_checksum,
+        page_copy,
+        page_store,
+        rmsnorm,
+        rope,
+    )
 
     m = torch.device("meta")
     bf, f32, i32, i64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
@@ -314,19 +324,22 @@ def _meta_launches() -> dict[str, Callable[[], object]]:
     }
 
 
-def compile_check(cc: int) -> int:
-    """Compile every kernel, as the wrappers launch it at GPU sizes, for sm_<cc>; no GPU needed."""
+def compile_check(cc: int, only: list[str] | None = None) -> int:
+    """Compile every kernel, as the wrappers launch it at GPU sizes, for sm_<cc>; no GPU needed.
+    ``only`` picks groups by their leading word (``attention`` = mla + gqa + dsa)."""
     from triton.backends.compiler import GPUTarget
 
     from kernels import backend
 
     bad = 0
     for name, fn in _meta_launches().items():
+        if only and name.split()[0] not in only and name not in only:
+            continue
         t0 = time.perf_counter()
         with backend.compile_only(GPUTarget("cuda", cc, 32)) as done:
             try:
                 fn()
-                print(f"{name:16s} ok   {len(done)} kernels ({time.perf_counter() - t0:.1f}s)")
+                print(f"{name:16s} ok   ({time.perf_counter() - t0:.1f}s) {', '.join(done)}")
             except Exception as exc:
                 bad += 1
                 print(f"{name:16s} FAIL {type(exc).__name__}: {str(exc)[:2000]}")
@@ -336,7 +349,7 @@ def compile_check(cc: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__)
-    parser.add_argument("--only", nargs="*", choices=sorted(CHECKS), help="ops to check")
+    parser.add_argument("--only", nargs="*", help=f"ops to check, of {', '.join(CHECKS)}")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per op")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
@@ -350,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.compile:
-        return compile_check(args.compile)
+        return compile_check(args.compile, args.only)
+    unknown = sorted(set(args.only or []) - set(CHECKS))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; known: {', '.join(CHECKS)}")
     global SMOKE
     SMOKE = args.smoke
     if not torch.cuda.is_available() and not SMOKE:

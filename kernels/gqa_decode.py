@@ -39,6 +39,7 @@ def _kernel(
     G,
     D,
     page_size,
+    max_keys,
     split_len,
     stride_qn,
     stride_qh,
@@ -67,7 +68,7 @@ def _kernel(
     b = n
     if HAS_SEQ:
         b = tl.load(seq_ptr + n).to(tl.int64)
-    limit = tl.load(limit_ptr + n)
+    limit = tl.minimum(tl.load(limit_ptr + n), max_keys)  # never past the page table
     g = tl.arange(0, BLOCK_G)  # [BG] query heads of this kv head
     gmask = g < G
     heads = kvh * G + g  # [BG]
@@ -196,6 +197,7 @@ def gqa_decode(
         G,
         D,
         P,
+        max_keys,
         split_len,
         q.stride(0),
         q.stride(1),
@@ -247,9 +249,10 @@ def reference_gqa_decode(
     N, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     seq = row_seq if row_seq is not None else torch.arange(N, device=q.device)
-    L = max(int(row_limit.max()), 1) if N > 0 else 1
+    limit = row_limit.long().clamp(max=page_table.shape[1] * k_cache.shape[1])  # [N]
+    L = max(int(limit.max()), 1) if N > 0 else 1
     pos = torch.arange(L, device=q.device).expand(N, L)  # [N, L]
-    valid = pos < row_limit.long()[:, None]  # [N, L]
+    valid = pos < limit[:, None]  # [N, L]
     pos = torch.where(valid, pos, 0)
     keep = valid[:, :, None, None]
     k = torch.where(keep, _gather_rows(k_cache, page_table, seq, pos).float(), 0.0)  # [N,L,Hkv,D]

@@ -12,9 +12,10 @@ row n, head h, with the latent plane rows ``c[s] = latent[s, :kv_lora]`` and
 
 which equals transformers' dense form (k_nope = w_uk c, v = w_uv c, masked to the DSA top-k).
 Only the positions in ``topk_idx[n]`` are read (-1 = unused slot; positions >= row_limit[n] are
-ignored too when row_limit is given). Each query row has its own selection, so the same kernel
-serves decode (N = B rows, row_seq = arange) and prefill chunks (N = T tokens, row_seq = their
-sequence, row_limit = position + 1).
+ignored too when row_limit is given, and so are positions past the page table). A selected
+position below the limit must hold a token (< seq_len): its page is read as is. Each query row
+has its own selection, so the same kernel serves decode (N = B rows, row_seq = arange) and
+prefill chunks (N = T tokens, row_seq = their sequence, row_limit = position + 1).
 
 The absorption and the output projection are torch bmm's in the wrapper; the Triton kernel does
 the paged gather, online softmax and weighted sum, split over the selection (flash-decoding),
@@ -58,6 +59,7 @@ def _kernel(
     LORA,
     ROPE,
     page_size,
+    max_pos,
     split_len,
     stride_qln,
     stride_qlh,
@@ -88,9 +90,9 @@ def _kernel(
     b = n
     if HAS_SEQ:
         b = tl.load(seq_ptr + n).to(tl.int64)
-    limit = 2147483647
+    limit = max_pos  # positions past the page table are never read
     if HAS_LIMIT:
-        limit = tl.load(limit_ptr + n)
+        limit = tl.minimum(tl.load(limit_ptr + n), max_pos)
     cl = tl.arange(0, BLOCK_L)  # [BL] latent dims
     lmask = cl < LORA
     cr = tl.arange(0, BLOCK_R)  # [BR] rope dims
@@ -240,6 +242,7 @@ def mla_sparse_attention(
         L,
         R,
         latent.shape[1],
+        page_table.shape[1] * latent.shape[1],
         split_len,
         q_lat.stride(0),
         q_lat.stride(1),
@@ -273,8 +276,8 @@ def _absorb(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
 
 
 def _project_out(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-    """out_lat [N, H, L] @ w_uv^T ([H, L, dv]) -> [N, H, dv]."""
-    return torch.bmm(out_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+    """out_lat [N, H, L] @ w_uv^T ([H, L, dv]) -> [N, H, dv] (contiguous)."""
+    return torch.bmm(out_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).contiguous()
 
 
 def _check_proj(q_nope, q_rope, w_uk, w_uv) -> None:
@@ -338,7 +341,7 @@ def reference_mla_sparse_attention(
     P = latent.shape[1]
     seq = row_seq.long() if row_seq is not None else torch.arange(N, device=q_lat.device)
     pos = topk_idx.long()  # [N, K]
-    valid = pos >= 0
+    valid = (pos >= 0) & (pos < page_table.shape[1] * P)
     if row_limit is not None:
         valid &= pos < row_limit.long()[:, None]
     pos = torch.where(valid, pos, 0)

@@ -6,7 +6,7 @@ from kernels import gpu_check
 
 
 def test_smoke_run_passes(capsys):
-    assert gpu_check.main(["--smoke", "--only", "rmsnorm", "page_checksum", "fused_moe"]) == 0
+    assert gpu_check.main(["--smoke", "--only", "rmsnorm", "page_checksum"]) == 0
     out = capsys.readouterr().out
     assert "all ok" in out and "FAIL" not in out
 
