@@ -42,7 +42,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default="write_through",
         choices=["write_through", "write_through_selective", "write_back"],
     )
-    g.add_argument("--expert-cache", help="SIZE or number of experts cached on the GPU")
+    g.add_argument(
+        "--expert-cache",
+        help="offload routed experts behind a cache of N experts, P%% of them, or SIZE bytes",
+    )
     g.add_argument("--layer-split", type=int, default=1, help="ranks for LayerSplit")
     g.add_argument("--inject", action="append", default=[], help="fault KIND[:RATE]")
     g.add_argument("--unsafe", action="store_true", help="turn KV protections off (demo only)")
@@ -56,19 +59,21 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.max_running < 1:
         raise KvscopeError(f"--max-running {args.max_running}: must be >= 1")
     unsupported = {
-        "--quant": args.quant != "none",
         "--layer-split": args.layer_split != 1,
         "--inject": bool(args.inject),
         "--unsafe": args.unsafe,
         "--kv-disk": args.kv_disk is not None,
         "--kv-host-mem": args.kv_host_mem is not None,
-        "--expert-cache": args.expert_cache is not None,
     }
     for flag, used in unsupported.items():
         if used:
             raise KvscopeError(f"{flag}: not available in this build yet")
     if not Path(args.model).is_dir():
         raise KvscopeError(f"--model {args.model}: not a directory")
+    if args.expert_cache is not None:
+        from runtime.weights.placement import parse_expert_cache
+
+        parse_expert_cache(args.expert_cache)  # N experts, P% or SIZE; raises a one-line error
     return EngineConfig(
         device=args.device,
         dtype=args.dtype,
@@ -76,4 +81,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_mem=parse_size(args.kv_mem, "--kv-mem") if args.kv_mem else None,
         max_running=args.max_running,
         timeout_s=args.timeout,
+        quant=args.quant,
+        gpu_mem=parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else None,
+        cpu_mem=parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None,
+        expert_cache=args.expert_cache,
     )

@@ -62,4 +62,11 @@ def build_snapshot(engine) -> EngineSnapshot:
         decode_tok_per_s=engine._decode_rate,
         prefill_tok_per_s=engine._prefill_rate,
         tokens_generated=engine._tokens_generated,
+        expert_heat=_expert_heat(engine),
     )
+
+
+def _expert_heat(engine) -> tuple[tuple[int, ...], ...]:
+    plan = getattr(engine, "weight_plan", None)
+    heat = plan.expert_heat() if plan is not None else ()
+    return tuple(tuple(int(x) for x in row) for row in heat)

@@ -7,7 +7,7 @@ import torch
 
 from runtime.weights.tiny import write_tiny
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # 2 shared cores: spin-waiting threads slow tiny models down
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import use_triton
 from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.kv.pool import KVPool
@@ -51,8 +52,8 @@ class WeightReader:
         t = self.ckpt.get(name, expect_shape=shape)
         scale = self._fp8_scale(name, t)
         if scale is not None:
-            t = fp8.dequantize_fp8_block(t.to(self.device), scale, self.fp8_block, dtype or self.dtype)
-            return t.contiguous()
+            block, out_dtype = self.fp8_block, dtype or self.dtype
+            return fp8.dequantize_fp8_block(t.to(self.device), scale, block, out_dtype).contiguous()
         return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None):
@@ -168,7 +169,15 @@ class CausalLM:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool, all_logits: bool = False) -> torch.Tensor:
-        """Returns logits [B, V] for each sequence's last new token ([T, V] if all_logits)."""
+        """Returns logits [B, V] for each sequence's last new token ([T, V] if all_logits).
+
+        Through the Triton kernels when kernels.backend says so (CUDA; CPU only with
+        KVSCOPE_TRITON_INTERPRET=1): runtime/models/kernel_path.py. Otherwise plain torch below.
+        """
+        if use_triton(self.device):
+            from runtime.models import kernel_path
+
+            return kernel_path.forward(self, batch, pool, all_logits)
         cfg = self.cfg
         h = F.embedding(batch.input_ids.to(self.device), self.embed)  # [T, D]
         state = self.new_layer_state(batch)

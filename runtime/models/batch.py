@@ -21,6 +21,9 @@ class SeqChunk:
     offset: int  # index of the first new token in the flat batch
     ctx_rows: torch.Tensor  # [end] flat pool rows of positions 0..end-1
     request_id: str = ""
+    # The sequence's page slots (at least cdiv(end, page_size)); None: derived from ctx_rows
+    # (slot = ctx_rows[::page_size] // page_size). Only the kernel path reads it.
+    pages: list[int] | None = None
 
     @property
     def n(self) -> int:
@@ -36,6 +39,7 @@ class ForwardBatch:
     # Hooks the integrity layer installs: called before a plane of a layer is read for a
     # sequence (fence wait + epoch/owner validation). Signature: (layer, plane, seq_index).
     before_read: list = field(default_factory=list)
+    _kernel_meta: KernelMeta | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -44,3 +48,71 @@ class ForwardBatch:
     def last_token_index(self) -> torch.Tensor:
         """[B] flat index of each sequence's last new token (whose logits are sampled)."""
         return torch.tensor([s.offset + s.n - 1 for s in self.seqs], dtype=torch.long)
+
+    def kernel_meta(self, page_size: int, device: torch.device) -> KernelMeta:
+        """The index tensors the Triton kernel path reads (built once per batch)."""
+        km = self._kernel_meta
+        if km is None or km.page_size != page_size or km.device != torch.device(device):
+            km = self._kernel_meta = KernelMeta.build(self, page_size, torch.device(device))
+        return km
+
+
+@dataclass
+class KernelMeta:
+    """Page tables and per-token indices for the Triton kernel path (see docs/kernels.md).
+
+    Row b of ``page_table`` is sequence ``seqs[b]``; unused entries are 0 and never read (every
+    kernel limits its reads to positions < ``token_limit``). Under CUDA graphs the same fields are
+    static buffers padded to a batch-size bucket: padding tokens have ``slot_mapping`` -1 (no store)
+    and ``token_limit`` 0 (no key read).
+    """
+
+    page_size: int
+    device: torch.device
+    page_table: torch.Tensor  # int32 [B, max_pages]
+    seq_lens: torch.Tensor  # int32 [B] context length after the step (SeqChunk.end)
+    token_seq: torch.Tensor  # int32 [T] page_table row of each new token
+    token_limit: torch.Tensor  # int32 [T] position + 1 (causal: keys [0, limit) visible)
+    slot_mapping: torch.Tensor  # int64 [T] flat pool row each new token is stored at
+    max_len: int  # >= every token_limit; a host int (no sync), static under CUDA graphs
+
+    @staticmethod
+    def page_rows(seqs: list[SeqChunk], page_size: int) -> list[torch.Tensor | list[int]]:
+        """Each sequence's page slots covering [0, end), from ``pages`` or ``ctx_rows``."""
+        out: list[torch.Tensor | list[int]] = []
+        for s in seqs:
+            n = -(-s.end // page_size)
+            if s.pages is not None:
+                assert len(s.pages) >= n, f"{len(s.pages)} pages for {s.end} positions"
+                out.append(list(s.pages[:n]))
+            else:
+                out.append(s.ctx_rows[: s.end : page_size] // page_size)
+        return out
+
+    @classmethod
+    def build(
+        cls, batch: ForwardBatch, page_size: int, device: torch.device, max_pages: int = 0
+    ) -> KernelMeta:
+        seqs = batch.seqs
+        rows = cls.page_rows(seqs, page_size)
+        width = max([max_pages, 1] + [len(r) for r in rows])
+        pt = torch.zeros((len(seqs), width), dtype=torch.int32, device=device)
+        for b, r in enumerate(rows):
+            if len(r):
+                pt[b, : len(r)] = torch.as_tensor(r, device=device).to(torch.int32)
+        t = batch.num_tokens
+        tok_seq, limit = [0] * t, [0] * t
+        for b, s in enumerate(seqs):
+            tok_seq[s.offset : s.offset + s.n] = [b] * s.n
+            limit[s.offset : s.offset + s.n] = range(s.start + 1, s.end + 1)
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(
+            page_size=page_size,
+            device=device,
+            page_table=pt,
+            seq_lens=torch.tensor([s.end for s in seqs], **i32),
+            token_seq=torch.tensor(tok_seq, **i32),
+            token_limit=torch.tensor(limit, **i32),
+            slot_mapping=batch.new_rows.to(device=device, dtype=torch.int64),
+            max_len=max([1] + [s.end for s in seqs]),
+        )

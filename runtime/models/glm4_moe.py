@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import ops
 from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
-from runtime.models.batch import ForwardBatch
+from runtime.models.batch import ForwardBatch, KernelMeta
 from runtime.models.glm_moe_dsa import _causal
+from runtime.models.kernel_path import call_hooks
 from runtime.models.layers import linear, rms_norm
 from runtime.models.rope import RotaryTables, rope_neox_partial
 
@@ -51,6 +53,7 @@ class GQAAttention:
         for si, seq in enumerate(batch.seqs):
             for hook in batch.before_read:
                 hook(layer, "k", si)
+                hook(layer, "v", si)
             sl = slice(seq.offset, seq.offset + seq.n)
             keys = pool.gather(layer, "k", seq.ctx_rows)  # [c, Hk, Dh]
             vals = pool.gather(layer, "v", seq.ctx_rows)
@@ -60,6 +63,40 @@ class GQAAttention:
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(x.dtype)
             out[sl] = torch.einsum("nkgc,ckd->nkgd", probs, vals).reshape(seq.n, h, dh)
         return linear(out.view(t, -1), self.wo)
+
+    # --- kernel path (kernels.ops; see runtime/models/kernel_path.py) ---------------------------
+
+    def read_planes(self, max_len: int) -> list[str]:
+        return ["k", "v"]
+
+    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, hooks, b):
+        """forward() through the kernels for all T tokens at once: QK-norm, partial neox RoPE,
+        page stores of K and V, paged GQA attention over the page tables."""
+        cfg = self.cfg
+        t, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = linear(x, self.wq, self.bq).view(t, h, dh)
+        k = linear(x, self.wk, self.bk).view(t, hk, dh)
+        v = linear(x, self.wv, self.bv).view(t, hk, dh)
+        if self.q_norm is not None:
+            q, _ = ops.rmsnorm(q, self.q_norm, cfg.rms_norm_eps)
+            k, _ = ops.rmsnorm(k, self.k_norm, cfg.rms_norm_eps)
+        cos, sin = state["cos_sin"]  # [T, R]
+        q, k = ops.rope_neox(q, cos, sin), ops.rope_neox(k, cos, sin)
+        k_plane, v_plane = pool.planes["k"][layer], pool.planes["v"][layer]  # [slots, P, Hk, Dh]
+        ops.page_store(k_plane, km.slot_mapping, k)
+        ops.page_store(v_plane, km.slot_mapping, v)
+        call_hooks(hooks, layer, "k", b)
+        call_hooks(hooks, layer, "v", b)
+        out = ops.gqa_decode(
+            q,
+            k_plane,
+            v_plane,
+            km.page_table,
+            km.token_limit,
+            scale=dh**-0.5,
+            row_seq=km.token_seq,
+        )  # [T, H, Dh]
+        return linear(out.reshape(t, h * dh), self.wo)
 
 
 class Glm4MoeForCausalLM(CausalLM):

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import ops
 from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
-from runtime.models.batch import ForwardBatch
+from runtime.models.batch import ForwardBatch, KernelMeta
+from runtime.models.kernel_path import call_hooks
 from runtime.models.layers import linear, rms_norm
 from runtime.models.rope import RotaryTables, rope_interleaved, yarn_mscale
 
@@ -96,6 +98,80 @@ class MLAAttention:
             out[:, sl] = torch.bmm(o_lat, self.w_uv.transpose(1, 2))  # [H, n, Vd]
         out = out.transpose(0, 1).reshape(t, nh * cfg.v_head_dim)
         return linear(out, self.o_proj, self.o_bias)
+
+    # --- kernel path (kernels.ops; see runtime/models/kernel_path.py) ---------------------------
+
+    def read_planes(self, max_len: int) -> list[str]:
+        """Planes forward_kernels reads for a step whose contexts are at most max_len long."""
+        full = self.indexer is not None and max_len > self.cfg.index_topk
+        return ["index_k", "latent"] if full else ["latent"]
+
+    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, hooks, b):
+        """forward() through the kernels for all T tokens at once: RoPE, page stores of the new
+        latent / indexer-key rows, DSA top-k, absorbed sparse MLA over the page tables."""
+        cfg = self.cfg
+        t = x.shape[0]
+        nh, nd, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        cos, sin = state["cos_sin"]  # [T, R]
+        q_resid, _ = ops.rmsnorm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
+        q = linear(q_resid, self.q_b).view(t, nh, -1)  # [T, H, Nd + R]
+        q_rope = ops.rope_interleave(q[..., nd:], cos, sin)  # [T, H, R]
+        ckv = linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl + R]
+        latent, _ = ops.rmsnorm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
+        plane = pool.planes["latent"][layer]  # [slots, P, Kl + R]
+        ops.page_store(plane, km.slot_mapping, latent)
+        ops.page_store(plane, km.slot_mapping, ops.rope_interleave(ckv[:, kl:], cos, sin), kl)
+        if self.indexer is not None:
+            state["topk"] = self._select_kernels(x, q_resid, km, pool, layer, state, hooks, b)
+        sel = state["topk"]
+        if sel is None:  # every causal position (row_limit cuts each row)
+            sel = state.get("all_pos")
+            if sel is None:
+                sel = state["all_pos"] = torch.arange(
+                    km.max_len, dtype=torch.int32, device=x.device
+                ).expand(t, km.max_len)
+        call_hooks(hooks, layer, "latent", b)
+        out = ops.mla_decode(
+            q[..., :nd],
+            q_rope,
+            plane,
+            km.page_table,
+            sel,
+            self.w_uk,
+            self.w_uv,
+            scale=self.scaling,
+            row_seq=km.token_seq,
+            row_limit=km.token_limit,
+        )  # [T, H, Vd]
+        return linear(out.reshape(t, nh * cfg.v_head_dim), self.o_proj, self.o_bias)
+
+    def _select_kernels(self, x, q_resid, km: KernelMeta, pool, layer, state, hooks, b):
+        """Stores the indexer keys; DSA top-k int32 [T, min(index_topk, max_len)] (-1 = unused),
+        or None when every context fits in index_topk (the selection is the causal set)."""
+        cfg, ix = self.cfg, self.indexer
+        t, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        cos, sin = state["cos_sin"]
+        k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
+        k = torch.cat([ops.rope_interleave(k[:, :r], cos, sin), k[:, r:]], dim=-1)
+        k_plane = pool.planes["index_k"][layer]  # [slots, P, Di]
+        ops.page_store(k_plane, km.slot_mapping, k)
+        if km.max_len <= cfg.index_topk:
+            return None
+        q = linear(q_resid, ix.wq_b).view(t, hi, di)
+        q = torch.cat([ops.rope_interleave(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
+        call_hooks(hooks, layer, "index_k", b)
+        return ops.dsa_indexer_topk(
+            q,
+            w.contiguous(),
+            k_plane,
+            km.page_table,
+            km.token_seq,
+            km.token_limit,
+            scale=di**-0.5,
+            topk=cfg.index_topk,
+            max_len=km.max_len,
+        )
 
     def _indexer_queries(self, x, q_resid, batch, pool, layer, cos, sin):
         """Indexer queries [T, Hi, Di], head weights [T, Hi] (fp32); stores the key plane."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import use_triton
+
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w.T + b for a plain weight tensor [out, in], or for a quantized / offloaded
@@ -95,6 +97,29 @@ class Experts:
     def num_experts(self) -> int:
         return self.bank.cache.store.num_experts if self.bank is not None else len(self.gate_up)
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gate_up [E, 2I, D], down [E, D, I]) when the routed experts are plain resident tensors
+        of one dtype (what the fused_moe kernel takes); None for quantized, offloaded or fused-op
+        experts, which keep __call__."""
+        gu, dn = self.gate_up, self.down
+        if self.bank is not None or self.fused is not None or self.fused_slots is not None:
+            return None
+        if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor)):
+            return None
+        if gu.dim() != 3 or dn.dim() != 3 or gu.dtype != dn.dtype:
+            return None
+        return gu, dn
+
+    def fused_kernel(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """The routed experts through kernels.ops.fused_moe ([T, D]), or None when the weights
+        are not plain stacked tensors (see stacked()); the caller then uses __call__."""
+        w = self.stacked()
+        if w is None or w[0].dtype != x.dtype or w[0].device != x.device:
+            return None
+        from kernels import ops
+
+        return ops.fused_moe(x, w[0], w[1], ids, weights)
+
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights/ids [T, K] -> [T, D]."""
         if self.bank is None:
@@ -151,7 +176,9 @@ class MoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)
-        y = self.experts(x, weights, ids)
+        y = self.experts.fused_kernel(x, weights, ids) if use_triton(x.device) else None
+        if y is None:  # torch path (CPU default), or experts the kernel does not take
+            y = self.experts(x, weights, ids)
         if self.shared is not None:
             y = y + self.shared(x)
         return y

@@ -23,6 +23,7 @@ precision (prefetched experts that were used) and recall (used experts that were
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -149,6 +150,7 @@ class ExpertCache:
         self._order: OrderedDict[Key, None] = OrderedDict()  # oldest use first
         self._freq: dict[Key, int] = {}
         self._prefetched: set[Key] = set()
+        self._touches = 0
         self._lock = threading.RLock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -163,14 +165,18 @@ class ExpertCache:
             ),
             0,
         )  # fmt: skip
-        self._cpu_flops = 5e10  # CPU expert GEMM throughput estimate (FLOP/s)
-        self._h2d_bps = (2e10 if store.pinned else 5e9) if self.cuda else 1e10
+        self._cpu_flops = 5e10  # CPU expert GEMM throughput (FLOP/s), measured on first use
+        self._h2d_bps = 2e10 if store.pinned else 5e9  # host->device bytes/s, idem
+        self._calibrated: bool | None = None
 
     # ------------------------------------------------------------------ slots
     def _touch(self, key: Key) -> None:
         self._order.pop(key, None)
         self._order[key] = None
         self._freq[key] = self._freq.get(key, 0) + 1
+        self._touches += 1
+        if self._touches % (16 * self.capacity) == 0:  # LFU ageing: old popularity fades
+            self._freq = {k: f // 2 for k, f in self._freq.items() if f > 1}
 
     def _victim(self, keep: set[Key]) -> int | None:
         """A slot to (re)use: an empty one, else the LRU / LFU unpinned, settled one."""
@@ -193,6 +199,7 @@ class ExpertCache:
         old = self._slot_key[slot]
         if old is not None:
             del self._slot_of[old]
+            self._order.pop(old, None)
             if old in self._prefetched:
                 self._prefetched.discard(old)
                 self._n["wasted"] += 1
@@ -226,13 +233,37 @@ class ExpertCache:
             self._decoded[slot] = self.fmt.decode({k: p[slot] for k, p in self.pools.items()})
         return self._decoded[slot]
 
-    def _cpu_is_cheaper(self, tokens: int) -> bool:
+    def _cpu_is_cheaper(self, key: Key, tokens: int) -> bool:
+        """Compute a missing expert on the CPU instead of copying it in? Only with
+        ``cpu_compute``; on CUDA when the estimated CPU GEMM time beats the copy time."""
         if not self.cpu_compute:
             return False
         if not self.cuda:
             return True  # compute in place from the store: no copy at all
+        if self._calibrated is None:
+            self._calibrated = self._calibrate(key)
         flops = 6 * tokens * self.fmt.d * self.fmt.i
         return flops / self._cpu_flops < self.slot_bytes / self._h2d_bps
+
+    def _calibrate(self, key: Key) -> bool:
+        """Measure this machine's CPU expert throughput and host->device copy speed once."""
+        from runtime.models.layers import linear
+
+        rec = self.store.record(*key)
+        gu, dn = self.fmt.decode(rec)
+        x = torch.randn(4, self.fmt.d, dtype=self.fmt.dtype)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            linear(linear(x, gu)[:, : self.fmt.i], dn)
+        dt = time.perf_counter() - t0
+        self._cpu_flops = 3 * 6 * 4 * self.fmt.d * self.fmt.i / max(dt, 1e-9)
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for v in rec.values():
+            v.to(self.device, non_blocking=self.store.pinned)
+        torch.cuda.synchronize(self.device)
+        self._h2d_bps = self.slot_bytes / max(time.perf_counter() - t0, 1e-9)
+        return True
 
     # ------------------------------------------------------------------ API
     def acquire(self, layer: int, experts: list[int], tokens: list[int]) -> Acquired:
@@ -265,7 +296,7 @@ class ExpertCache:
                 if e in out.slots:
                     continue
                 self._misses[layer][e] += 1
-                if self._cpu_is_cheaper(n):
+                if self._cpu_is_cheaper(key, n):
                     host.append((e, True))
                     continue
                 s = self._victim(keep)
@@ -290,13 +321,11 @@ class ExpertCache:
             fut.result()
         for e, on_cpu in host:
             rec = self.store.record(layer, e)
-            if on_cpu:
-                self._n["cpu"] += 1
-            else:
+            if not on_cpu:
                 rec = {k: v.to(self.device, non_blocking=self.store.pinned) for k, v in rec.items()}
-                with self._lock:
-                    self._n["streamed"] += 1
-                    self._n["bytes"] += self.slot_bytes
+            with self._lock:
+                self._n["cpu" if on_cpu else "streamed"] += 1
+                self._n["bytes"] += 0 if on_cpu else self.slot_bytes
             out.weights[e] = self.fmt.decode(rec)
         for e, s in out.slots.items():
             if self.cuda and self._ready[s] is not None:
@@ -356,16 +385,6 @@ class ExpertCache:
             self._n["predicted"] += len(predicted)
             self._n["predicted_used"] += len(predicted.intersection(used))
             self._n["used"] += len(used)
-
-    def note_cpu_time(self, tokens: int, seconds: float) -> None:
-        """Feed a measured CPU expert compute into the CPU-vs-transfer estimate."""
-        if seconds > 0:
-            flops = 6 * tokens * self.fmt.d * self.fmt.i
-            self._cpu_flops = 0.8 * self._cpu_flops + 0.2 * flops / seconds
-
-    def slot_stack(self, key: str) -> torch.Tensor:
-        """The pool tensor [capacity, ...] of one record key (for fused kernels over slots)."""
-        return self.pools[key]
 
     def drain(self) -> None:
         """Wait for every prefetch in flight (tests, shutdown)."""
@@ -451,24 +470,28 @@ class LayerExperts:
         return table.to(ids.device)[ids]
 
 
-
-def slot_kernel(cache: ExpertCache):
-    """(x, weights, slot_ids) -> routed-expert output computed by one fused Triton kernel over
-    the cache's slot pool (CUDA; unquantized or int4 experts), or None where that does not apply
-    (CPU, bitsandbytes formats): the per-expert loop runs then."""
-    if cache.device.type != "cuda" or cache.fmt.method not in ("none", "int4"):
+def slot_kernel(cache: ExpertCache, on_cpu: bool = False):
+    """(x, weights, slot_ids) -> routed-expert output of one fused kernel over the cache's slot
+    pool, for unquantized or int4 experts: Triton on CUDA, the kernels' torch references on CPU
+    (only with ``on_cpu``, for tests: the per-expert loop is the CPU path). None where it does
+    not apply; the per-expert loop runs then."""
+    if cache.fmt.method not in ("none", "int4") or (cache.device.type != "cuda" and not on_cpu):
         return None
     if cache.fmt.method == "none":
-        from kernels.fused_moe import fused_moe
+        from kernels import ops
 
         gu, dn = cache.pools["gate_up"], cache.pools["down"]
-        return lambda x, weights, ids: fused_moe(x, gu, dn, ids, weights)
-    from kernels.int4_moe import Int4Packed, int4_group, int4_moe
+        return lambda x, weights, ids: ops.fused_moe(x, gu, dn, ids, weights)
+    from runtime.weights.quant import Int4Stack, int4_group, int4_moe_op
 
-    f = cache.fmt
-    p = cache.pools
-    gu = Int4Packed(
-        p["gate_up.q"], p["gate_up.scales"], p["gate_up.zeros"], f.d, int4_group(f.d)
-    )
-    dn = Int4Packed(p["down.q"], p["down.scales"], p["down.zeros"], f.i, int4_group(f.i))
-    return lambda x, weights, ids: int4_moe(x, gu, dn, ids, weights)
+    f, p = cache.fmt, cache.pools
+    packed = [
+        _int4_packed(p, part, k, int4_group(k)) for part, k in (("gate_up", f.d), ("down", f.i))
+    ]
+    return int4_moe_op(Int4Stack(packed[0]), Int4Stack(packed[1]))
+
+
+def _int4_packed(pools: dict, part: str, k: int, group: int):
+    from kernels.int4_moe import Int4Packed
+
+    return Int4Packed(pools[f"{part}.q"], pools[f"{part}.scales"], pools[f"{part}.zeros"], k, group)

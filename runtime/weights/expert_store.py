@@ -58,7 +58,9 @@ class SafetensorsMmap:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
             size = path.stat().st_size
-            self._files[path] = torch.from_file(str(path), shared=False, size=size)
+            self._files[path] = torch.from_file(
+                str(path), shared=False, size=size, dtype=torch.uint8
+            )
             self._meta[path] = (8 + n, header)
         base, header = self._meta[path]
         return self._files[path], base, header
@@ -89,7 +91,10 @@ class ExpertNames:
         """part -> (tensor name, index into a fused stack or None)."""
         p = self.prefix
         if self.fused:
-            return {"gate_up": (f"{p}.experts.gate_up_proj", e), "down": (f"{p}.experts.down_proj", e)}
+            return {
+                "gate_up": (f"{p}.experts.gate_up_proj", e),
+                "down": (f"{p}.experts.down_proj", e),
+            }
         q = f"{p}.experts.{e}"
         return {
             "gate": (f"{q}.gate_proj.weight", None),

@@ -73,7 +73,11 @@ def _size(text: str, flag: str) -> int:
 
 
 def fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.0f} KiB"
 
 
 def mem_available() -> int | None:
@@ -109,7 +113,8 @@ class Footprint:
 def footprint(
     cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, quant: str, keep_fp8: bool = False
 ) -> Footprint:
-    """Sizes from the checkpoint's shapes only (nothing is read)."""
+    """Sizes from the checkpoint's shapes only (nothing is read); a tied LM head has no tensor of
+    its own and costs nothing extra."""
     layers = [0] * cfg.num_layers
     embed = head = 0
     for name in ckpt.keys():
@@ -130,8 +135,6 @@ def footprint(
             embed += n
         else:
             head += n
-    if cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
-        head += 0  # the LM head is the embedding
     fmt = ExpertFormat(quant, dtype, cfg.hidden_size, cfg.moe_intermediate_size)
     n_moe = sum(t == "sparse" for t in cfg.mlp_layer_types)
     return Footprint(embed, head, tuple(layers), fmt.nbytes, n_moe * cfg.n_routed_experts)
@@ -224,50 +227,64 @@ class WeightPlan:
         return {"device": on_dev, "host": host}
 
     def check_fit(self) -> None:
+        """Raise one KvscopeError line when the weights cannot fit, saying what would."""
         need = self.needs()
-        fp = self.fp
         if self.device.type == "cpu":
             budget = self.cpu_budget()
             if budget is not None and need["host"] > budget:
-                raise KvscopeError(self._cpu_message(need["host"], budget))
+                raise KvscopeError(
+                    f"weights need {fmt_bytes(need['host'])} of host memory "
+                    f"({self._what(need['host'])}) but {self._allows('cpu', budget)}; "
+                    f"{self._hint(budget)}"
+                )
             return
         gpu, cpu = self.gpu_budget(), self.cpu_budget()
         if gpu is not None and need["device"] > gpu:
-            spare = gpu - fp.non_expert
-            hint = (
-                f"fits with --expert-cache {spare // fp.expert} (routed experts in host memory)"
-                if spare >= fp.expert and self.moe_layers
-                else "the non-expert weights alone do not fit; use --quant int4 or a larger GPU"
-            )
+            off = [
+                k or "everything" for k, v in self.device_map().items() if not isinstance(v, int)
+            ]
+            placed = f" (accelerate would put {', '.join(off)} off the GPU)" if off else ""
             raise KvscopeError(
-                f"weights need {fmt_bytes(need['device'])} on {self.device} (non-expert "
-                f"{fmt_bytes(fp.non_expert)}, experts {fmt_bytes(need['device'] - fp.non_expert)})"
-                f" but --gpu-mem allows {fmt_bytes(gpu)}; {hint}"
+                f"weights need {fmt_bytes(need['device'])} on {self.device} "
+                f"({self._what(need['device'])}) but {self._allows('gpu', gpu)}{placed}; "
+                f"{self._hint(gpu)}"
             )
         if cpu is not None and need["host"] > cpu:
             raise KvscopeError(
-                f"routed experts need {fmt_bytes(need['host'])} of host memory but --cpu-mem "
-                f"allows {fmt_bytes(cpu)}; use --expert-cache with experts memory-mapped from disk"
+                f"offloaded experts need {fmt_bytes(need['host'])} of host memory but "
+                f"{self._allows('cpu', cpu)}; use --expert-cache with experts memory-mapped "
+                "from disk (the default on CPU)"
             )
 
-    def _cpu_message(self, need: int, budget: int) -> str:
+    def _what(self, need: int) -> str:
+        extra = need - self.fp.non_expert
+        what = f"non-expert {fmt_bytes(self.fp.non_expert)}"
+        return what + (f" + experts {fmt_bytes(extra)}" if extra > 0 else "")
+
+    def _allows(self, kind: str, budget: int) -> str:
+        given = self.options.gpu_mem if kind == "gpu" else self.options.cpu_mem
+        flag = "--gpu-mem" if kind == "gpu" else "--cpu-mem"
+        if given is not None:
+            return f"{flag} allows {fmt_bytes(budget)}"
+        return f"only {fmt_bytes(budget)} is free"
+
+    def _hint(self, budget: int) -> str:
+        """What would fit in ``budget`` bytes of the compute device's memory."""
         fp = self.fp
-        spare = budget - fp.non_expert
-        if spare >= fp.expert and self.moe_layers:
-            hint = f"fits with --expert-cache {min(spare // fp.expert, fp.num_experts)} (routed "
-            hint += "experts memory-mapped from disk)"
-        else:
-            hint = "even the non-expert weights do not fit"
-            if self.quant == "none":
-                small = footprint(self.cfg, self.ckpt, self.dtype, "int4").non_expert
-                hint += f"; with --quant int4 they take {fmt_bytes(small)}"
-        what = "non-expert " + fmt_bytes(fp.non_expert)
-        if need > fp.non_expert:
-            what += f" + experts {fmt_bytes(need - fp.non_expert)}"
-        return (
-            f"weights need {fmt_bytes(need)} of host memory ({what}) but --cpu-mem allows "
-            f"{fmt_bytes(budget)}; {hint}"
-        )
+        where = "memory-mapped from disk" if self.device.type == "cpu" else "in host memory"
+        if self.moe_layers and budget - fp.non_expert >= fp.expert:
+            n = min((budget - fp.non_expert) // fp.expert, fp.num_experts)
+            return f"fits with --expert-cache {n} (routed experts {where})"
+        if self.quant != "int4":
+            q = footprint(self.cfg, self.ckpt, self.dtype, "int4")
+            if self.moe_layers and budget - q.non_expert >= q.expert:
+                n = min((budget - q.non_expert) // q.expert, q.num_experts)
+                return f"fits with --quant int4 --expert-cache {n}"
+            return (
+                f"the non-expert weights alone need {fmt_bytes(fp.non_expert)} "
+                f"({fmt_bytes(q.non_expert)} with --quant int4)"
+            )
+        return f"the non-expert weights alone need {fmt_bytes(fp.non_expert)}"
 
     def device_map(self, max_memory: dict | None = None) -> dict[str, object]:
         """accelerate's placement of the non-expert modules (embed, layers.i, head) under
@@ -361,4 +378,3 @@ class WeightPlan:
                 f"x {fmt_bytes(self.fp.expert)} ({self.options.expert_policy})"
             )
         return out
-

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.int4_moe import Int4Packed, dequantize_int4, int4_group, quantize_int4
 from runtime.errors import KvscopeError
 
 METHODS = ("none", "nf4", "int8", "int4")
@@ -50,7 +49,18 @@ LINEAR_SUFFIXES = (
 
 def is_linear_weight(name: str) -> bool:
     """Whether a checkpoint tensor is a linear weight that may be quantized (see module doc)."""
-    return name.endswith(LINEAR_SUFFIXES) and ".mlp.gate." not in name
+    return name.endswith(LINEAR_SUFFIXES)
+
+
+def _int4():
+    """kernels.int4_moe, imported on first use (it imports triton, ~0.5 s)."""
+    import kernels.int4_moe
+
+    return kernels.int4_moe
+
+
+def int4_group(in_features: int) -> int:
+    return min(INT4_GROUP, in_features)
 
 
 def check_method(method: str) -> str:
@@ -62,7 +72,7 @@ def check_method(method: str) -> str:
 class Int4Weight:
     """One int4 weight [out, in]; dequantized to the activations' dtype per call."""
 
-    def __init__(self, packed: Int4Packed):
+    def __init__(self, packed):  # kernels.int4_moe.Int4Packed [out, ...]
         self.packed = packed
 
     @property
@@ -81,14 +91,14 @@ class Int4Weight:
         return {"q": self.packed.q, "scales": self.packed.scales, "zeros": self.packed.zeros}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_int4(self.packed, x.dtype))
+        return F.linear(x, _int4().dequantize_int4(self.packed, x.dtype))
 
 
 class Int4Stack:
     """Routed experts of one layer in int4, stacked for the fused kernel: ``packed.q`` is
     [E, N, ceil(K/2)]. ``stack[e]`` is expert e as an Int4Weight."""
 
-    def __init__(self, packed: Int4Packed):
+    def __init__(self, packed):  # kernels.int4_moe.Int4Packed [E, out, ...]
         assert packed.q.dim() == 3
         self.packed = packed
 
@@ -122,7 +132,7 @@ def quantize_weight(w: torch.Tensor, method: str):
     if method == "none":
         return w
     if method == "int4":
-        return Int4Weight(quantize_int4(w, INT4_GROUP, INT4_SCALE_DTYPE))
+        return Int4Weight(_int4().quantize_int4(w, INT4_GROUP, INT4_SCALE_DTYPE))
     from runtime.weights import quant_bnb
 
     if method == "nf4":
@@ -144,7 +154,7 @@ def linear_nbytes(out_f: int, in_f: int, method: str, dtype: torch.dtype) -> int
     if method == "none":
         return n * dtype.itemsize
     if method == "int4":
-        groups = -(-in_f // int4_group(in_f, INT4_GROUP))
+        groups = -(-in_f // int4_group(in_f))
         return out_f * (-(-in_f // 2)) + 2 * out_f * groups * INT4_SCALE_DTYPE.itemsize
     if method == "nf4":
         return (n + 1) // 2 + 4 * -(-n // 64)
@@ -177,7 +187,7 @@ class ExpertFormat:
             if self.method == "none":
                 out[part] = ((n, k), self.dtype)
             elif self.method == "int4":
-                ng = -(-k // int4_group(k, INT4_GROUP))
+                ng = -(-k // int4_group(k))
                 out[f"{part}.q"] = ((n, -(-k // 2)), torch.uint8)
                 out[f"{part}.scales"] = ((n, ng), INT4_SCALE_DTYPE)
                 out[f"{part}.zeros"] = ((n, ng), INT4_SCALE_DTYPE)
@@ -191,9 +201,7 @@ class ExpertFormat:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            torch.Size(shape).numel() * dt.itemsize for shape, dt in self.spec().values()
-        )
+        return sum(torch.Size(shape).numel() * dt.itemsize for shape, dt in self.spec().values())
 
     def encode(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         rec: dict[str, torch.Tensor] = {}
@@ -212,12 +220,8 @@ class ExpertFormat:
         out = []
         for part, (n, k) in self._parts().items():
             if self.method == "int4":
-                p = Int4Packed(
-                    rec[f"{part}.q"],
-                    rec[f"{part}.scales"],
-                    rec[f"{part}.zeros"],
-                    k,
-                    int4_group(k, INT4_GROUP),
+                p = _int4().Int4Packed(
+                    rec[f"{part}.q"], rec[f"{part}.scales"], rec[f"{part}.zeros"], k, int4_group(k)
                 )
                 out.append(Int4Weight(p))
             else:
@@ -241,8 +245,8 @@ def resident_experts(gate_up: torch.Tensor, down: torch.Tensor, method: str) -> 
     if method == "none":
         return {"gate_up": gate_up, "down": down}
     if method == "int4":
-        gu = Int4Stack(quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
-        dn = Int4Stack(quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))
+        gu = Int4Stack(_int4().quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
+        dn = Int4Stack(_int4().quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))
         return {"gate_up": gu, "down": dn, "fused": int4_moe_op(gu, dn)}
     return {
         "gate_up": [quantize_weight(w, method) for w in gate_up],

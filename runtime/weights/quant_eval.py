@@ -1,0 +1,116 @@
+"""Quantization quality: KL divergence and top-1 agreement of a quantized model against full
+precision, teacher-forced over the same tokens (next-token distributions at every position).
+
+    .venv/bin/python -m runtime.weights.quant_eval --model assets/demo \\
+        --text assets/demo_heldout.txt --tokens 512 --window 128
+
+KL(p_ref || p_quant) is averaged over positions, in nats; top-1 agreement is the fraction of
+positions whose argmax matches. docs/quantization.md holds the table this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.engine import Engine, EngineConfig
+from runtime.kv.pool import token_rows
+from runtime.models.batch import ForwardBatch, SeqChunk
+
+
+def sequence_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    """Logits [n, V] (fp32) at every position of ``ids``, one prefill from position 0 (uses the
+    engine's free pages; call between requests)."""
+    ps = engine.config.page_size
+    pages = [engine._free[i] for i in range(-(-len(ids) // ps))]
+    rows = token_rows(pages, 0, len(ids), ps).to(engine.device)
+    dev = engine.device
+    batch = ForwardBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+        positions=torch.arange(len(ids), device=dev),
+        new_rows=rows,
+        seqs=[SeqChunk(0, len(ids), 0, rows, "quant-eval")],
+    )
+    return engine.model.forward(batch, engine.pool, all_logits=True).float().cpu()
+
+
+def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
+    """Mean KL(ref || test) in nats and top-1 agreement over positions (rows)."""
+    lp = torch.log_softmax(ref.double(), -1)
+    lq = torch.log_softmax(test.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # [n]
+    top1 = (ref.argmax(-1) == test.argmax(-1)).double()
+    return {"kl": float(kl.mean()), "kl_max": float(kl.max()), "top1": float(top1.mean())}
+
+
+def windows(ids: list[int], window: int, total: int) -> list[list[int]]:
+    out, i = [], 0
+    while i < len(ids) and sum(map(len, out)) < total:
+        out.append(ids[i : i + window])
+        i += window
+    return [w for w in out if len(w) > 1]
+
+
+def quant_quality(
+    model_dir: str | Path,
+    ids: list[int],
+    methods: tuple[str, ...] = ("int8", "nf4", "int4"),
+    window: int = 128,
+    total: int = 512,
+    dtype: str = "float32",
+    device: str = "cpu",
+    **engine_kw,
+) -> dict[str, dict[str, float]]:
+    """{method: {kl, kl_max, top1, tokens}} against ``--quant none`` on the same device/dtype."""
+    chunks = windows(ids, window, total)
+    base = EngineConfig(device=device, dtype=dtype, page_size=16, max_running=1, **engine_kw)
+    ref_engine = Engine(model_dir, base)
+    refs = [sequence_logits(ref_engine, c) for c in chunks]
+    del ref_engine
+    out = {}
+    for m in methods:
+        eng = Engine(model_dir, EngineConfig(**{**base.__dict__, "quant": m}))
+        tests = [sequence_logits(eng, c) for c in chunks]
+        r = compare_logits(torch.cat(refs), torch.cat(tests))
+        r["tokens"] = sum(len(c) for c in chunks)
+        out[m] = r
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", help="held-out text file (needs the model's tokenizer)")
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", default="int8,nf4,int4")
+    args = p.parse_args(argv)
+    if args.text:
+        from runtime.tokenizer import Tokenizer
+
+        ids = Tokenizer(args.model).encode(Path(args.text).read_text())
+    else:  # deterministic pseudo-text over the vocabulary
+        from runtime.config import load_config
+
+        v = load_config(args.model).vocab_size
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, v, (args.tokens,), generator=g).tolist()
+    res = quant_quality(
+        args.model,
+        ids,
+        tuple(args.methods.split(",")),
+        args.window,
+        args.tokens,
+        args.dtype,
+        args.device,
+    )
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
