@@ -46,8 +46,8 @@ HELDOUT_PERCENT = 3  # documents whose sha256 % 100 < this go to the held-out sp
 SEPARATOR = "<|endoftext|>"
 PROMPTS = [
     "The function returns",
-    "A module is",
-    "If the file does not exist,",
+    "This method is called when",
+    "An exception is raised if",
 ]
 CHAT_PROMPT = "What does the sort method do?"
 
@@ -481,6 +481,10 @@ def export(model, tok, out: Path, max_len: int):
     save_file(to_published_state_dict(model), str(out / "model.safetensors"), {"format": "pt"})
     (out / "model.safetensors").chmod(0o644)
     tok.save(str(out / "tokenizer.json"))
+    # The corpus is PSF-licensed CPython text: keep its license next to what was made from it.
+    psf = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if psf.is_file():
+        (out / "CORPUS_LICENSE.txt").write_text(psf.read_text(encoding="utf-8"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_len), indent=2))
 
 
@@ -553,6 +557,11 @@ def parse_args(argv=None):
     p.add_argument("--heldout", type=Path, default=Path("assets/demo_heldout.txt"))
     p.add_argument("--steps", type=int, default=700, help="optimizer steps (sets the LR schedule)")
     p.add_argument("--max-minutes", type=float, default=32.0, help="stop training early past this")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        help="train only the first N steps of the --steps schedule (replays a time-budget stop)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -663,6 +672,10 @@ def main(argv=None):
     stopped_early = False
     run_lm = run_kl = 0.0
     for step in range(0 if args.resume_raw else args.steps):
+        if args.stop_after is not None and step >= args.stop_after:
+            stopped_early = True
+            log(f"--stop-after reached at step {step}")
+            break
         if (time.time() - train_start) / 60 > args.max_minutes:
             stopped_early = True
             log(f"time budget reached at step {step}")
@@ -764,13 +777,14 @@ def main(argv=None):
             "tokens_seen": steps_done * args.batch_size * args.seq_len,
             "train_tokens_per_epoch": n_train_tokens,
             "seconds": round(train_seconds, 1),
-            "build_seconds": round(time.time() - t0, 1),
+            "build_seconds": None if args.resume_raw else round(time.time() - t0, 1),
+            "resumed_from_raw": args.resume_raw,
             "threads": args.threads,
             "hardware": cpu_name(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": sys.version.split()[0],
-            "args": {k: str(v) for k, v in vars(args).items()},
+            "args": {k: str(v) for k, v in vars(args).items() if k not in ("raw", "resume_raw")},
             "history": history,
         },
         "corpus": {
