@@ -62,8 +62,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "--layer-split": args.layer_split != 1,
         "--inject": bool(args.inject),
         "--unsafe": args.unsafe,
-        "--kv-disk": args.kv_disk is not None,
-        "--kv-host-mem": args.kv_host_mem is not None,
     }
     for flag, used in unsupported.items():
         if used:
@@ -85,4 +83,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_mem=parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else None,
         cpu_mem=parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None,
         expert_cache=args.expert_cache,
+        kv_host_mem=parse_size(args.kv_host_mem, "--kv-host-mem") if args.kv_host_mem else None,
+        kv_disk=args.kv_disk,
+        kv_disk_size=parse_size(args.kv_disk_size, "--kv-disk-size")
+        if args.kv_disk_size
+        else 4 << 30,
+        write_policy=args.write_policy,
     )

@@ -1,88 +1,54 @@
-"""The engine: requests in, streamed tokens out, over a paged KV pool.
+"""The engine: requests in, streamed tokens out, over the tiered, paged KV cache.
 
 Public API (thread-safe; one lock serialises every call): `submit()`, `step()`, `abort()`,
-`has_work()`, `snapshot()`, `stream()`, `generate()`. `step()` runs one scheduler iteration:
-decode tokens first, then prefill chunks under the per-step token budget.
+`has_work()`, `snapshot()`, `stream()`, `generate()`, `close()`.
 
-Page ownership (foundation allocator): a slot in `self._free` has no owner and no writer; a slot
-in `req.pages` is owned by exactly that request and written only by the forward step that
-computes that request's tokens. A request's slots return to the free list when it finishes,
-aborts or is preempted, and only between steps (no writer can be in flight then).
+One `step()`: the scheduler (runtime/scheduler.py) picks each running sequence's next positions
+(decode first, then prefill chunks under the token budget; prefixes are reused from L1/L2/L3),
+capturing every page's epoch and registering this step as the writer of the pages it writes.
+The model stores the new tokens' planes and reads its context through the pool accessor, which
+waits on load fences. `commit()` then acks the step's writes (only now can a page of an aborted
+request leave DRAINING), verifies load-backs, and the sampled tokens are streamed.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from runtime.config import ModelConfig, load_config
-from runtime.errors import KvscopeError, RequestError, TokenizerError
-from runtime.kv.pool import KVPool, token_rows
+from runtime.engine_config import EngineConfig
+from runtime.errors import KvscopeError, RequestError
+from runtime.kv.pool import token_rows
+from runtime.kv.stack import build_kv_stack
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
+from runtime.prompts import encode_prompt, eos_ids
 from runtime.request import Request
 from runtime.sampling import SamplingParams, make_generator, sample
 from runtime.telemetry import TokenEvent, TokenVerdict
 from runtime.tokenizer import StreamDecoder, Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    page_size: int = 64
-    kv_mem: int | None = None  # bytes for the L1 pool; None = enough for max_running contexts
-    max_batch_tokens: int = 512  # prefill chunk budget per step
-    max_running: int = 16
-    timeout_s: float | None = None  # default per-request timeout
-    # Weights (runtime/weights/placement.py, docs/quantization.md)
-    quant: str = "none"  # none | nf4 | int8 | int4
-    gpu_mem: int | None = None  # bytes of GPU memory for weights; None = free memory
-    cpu_mem: int | None = None  # bytes of host memory for weights; None = MemAvailable
-    expert_cache: str | None = None  # "N" experts | SIZE | "P%"; None = experts resident
-    expert_offload: str = "auto"  # auto | host | mmap: where offloaded experts live
-    expert_policy: str = "lru"  # lru | lfu
-    expert_prefetch: bool = True  # prefetch the next layer's predicted experts
-    expert_cpu_compute: bool = False  # cold experts on the CPU when cheaper than the copy
-
-    def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise KvscopeError("--device cuda: no CUDA device is available; use --device cpu")
-        return torch.device(self.device)
-
-    def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        if self.dtype not in DTYPES:
-            raise KvscopeError(f"--dtype {self.dtype}: choose auto, {', '.join(DTYPES)}")
-        return DTYPES[self.dtype]
+__all__ = ["Engine", "EngineConfig"]
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
-        if self.config.page_size < 1:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, copy_hooks=None):
+        self.config = c = config or EngineConfig()
+        if c.page_size < 1:
             raise KvscopeError("--page-size must be >= 1")
         self.model_dir = Path(model_dir)
         self.model_config: ModelConfig = load_config(self.model_dir)
-        self.device = self.config.resolve_device()
-        self.dtype = self.config.resolve_dtype(self.device)
+        self.device = c.resolve_device()
+        self.dtype = c.resolve_dtype(self.device)
         from runtime.weights.checkpoint import Checkpoint
         from runtime.weights.placement import LoadOptions, WeightPlan
 
         ckpt = Checkpoint(self.model_dir)
-        c = self.config
         self.weight_plan = WeightPlan(  # quantization, expert offload, fit check (may raise)
             LoadOptions(
                 quant=c.quant,
@@ -102,20 +68,14 @@ class Engine:
         self.model = build_model(self.model_config, ckpt, self.dtype, self.device, self.weight_plan)
         has_tok = (self.model_dir / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer(self.model_dir) if has_tok else None
-        self.eos_ids = self._eos_ids()
-        cfg, ps = self.model_config, self.config.page_size
-        probe = KVPool(cfg.num_layers, 1, ps, cfg.plane_widths(), self.dtype, "meta")
-        per_seq = -(-cfg.max_position_embeddings // ps)
-        slots = self.config.max_running * per_seq
-        if self.config.kv_mem is not None:
-            slots = self.config.kv_mem // probe.bytes_per_page
-        if slots < 1:
-            raise KvscopeError(f"--kv-mem too small: one page needs {probe.bytes_per_page} bytes")
-        self.pool = KVPool(cfg.num_layers, slots, ps, cfg.plane_widths(), self.dtype, self.device)
-        self._free: deque[int] = deque(range(slots))
+        self.eos_ids = eos_ids(self.model_config, self.model_dir, self.tokenizer)
+        self.kv = build_kv_stack(
+            self.model_config, c, self.model_dir, self.dtype, self.device, copy_hooks
+        )
+        self.pool, self.sched = self.kv.pool, self.kv.sched
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
-        self._queue: deque[str] = deque()  # not finished, FIFO by submission
+        self._active: dict[str, Request] = {}  # submitted, not finished
         self._started = time.monotonic()
         self._tokens_generated = 0
         self._decode_rate = 0.0
@@ -123,47 +83,10 @@ class Engine:
         self._last_snapshot = None
 
     # ---------------------------------------------------------------- requests
-    def _eos_ids(self) -> set[int]:
-        ids = set(self.model_config.eos_token_ids)
-        gen = self.model_dir / "generation_config.json"
-        if gen.is_file():
-            try:
-                eos = json.loads(gen.read_text()).get("eos_token_id")
-            except json.JSONDecodeError:
-                eos = None
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     def encode_prompt(self, prompt=None, messages=None, prompt_ids=None) -> list[int]:
-        if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
-            raise RequestError("give exactly one of 'prompt', 'messages' or 'prompt_ids'")
-        if prompt_ids is not None:
-            ok = isinstance(prompt_ids, list) and all(isinstance(i, int) for i in prompt_ids)
-            if not ok or not prompt_ids:
-                raise RequestError("'prompt_ids' must be a non-empty list of integers")
-            bad = [i for i in prompt_ids if not 0 <= i < self.model_config.vocab_size]
-            if bad:
-                raise RequestError(f"'prompt_ids' has id {bad[0]} outside the vocabulary")
-            return list(prompt_ids)
-        if self.tokenizer is None:
-            raise TokenizerError(
-                f"{self.model_dir}: no tokenizer.json, so text prompts cannot be encoded; "
-                "send 'prompt_ids' instead"
-            )
-        if messages is not None:
-            if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages
-            ):
-                raise RequestError("'messages' must be a list of {role, content} objects")
-            prompt = self.tokenizer.apply_chat_template(messages)
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError("'prompt' must be a non-empty string")
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise RequestError("the prompt encodes to no tokens")
-        return ids
+        return encode_prompt(
+            self.model_config, self.model_dir, self.tokenizer, prompt, messages, prompt_ids
+        )
 
     def submit(
         self,
@@ -184,24 +107,26 @@ class Engine:
             raise RequestError(
                 f"prompt is {len(ids)} tokens but the model's context is {ctx}; shorten it"
             )
-        if -(-len(ids) // self.config.page_size) > self.pool.num_slots:
-            raise RequestError(
-                f"prompt needs {-(-len(ids) // self.config.page_size)} KV pages but the pool "
-                f"has {self.pool.num_slots}; raise --kv-mem"
-            )
+        budget = min(params.max_new_tokens, ctx - len(ids))  # the context bounds generation
+        timeout = timeout_s if timeout_s is not None else self.config.timeout_s
         with self._lock:
             rid = request_id or uuid.uuid4().hex[:8]
-            if rid in self._requests and not self._requests[rid].done:
+            if rid in self._active:
                 raise RequestError(f"request id {rid!r} is already running")
-            self._requests[rid] = Request(
+            stops = () if params.ignore_eos else tuple(self.eos_ids)
+            try:
+                self.sched.submit(rid, ids, budget, stops, timeout)
+            except ValueError as e:
+                raise RequestError(f"{e}; raise --kv-mem or lower max_new_tokens") from None
+            req = Request(
                 request_id=rid,
                 prompt_ids=ids,
                 params=params,
                 generator=make_generator(params.seed),
                 decoder=StreamDecoder(self.tokenizer),
-                timeout_s=timeout_s if timeout_s is not None else self.config.timeout_s,
+                timeout_s=timeout,
             )
-            self._queue.append(rid)
+            self._requests[rid] = self._active[rid] = req
             return rid
 
     def request(self, request_id: str) -> Request:
@@ -209,26 +134,28 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._queue)
+            return bool(self._active) or self.kv.tiers.transfers_in_flight > 0
 
     def abort(self, request_id: str, reason: str = "abort") -> list[TokenEvent]:
+        """End a request now. Its pages are released through safe reclaim: a page a writer
+        still targets stays DRAINING until that writer acks (invariant 1)."""
         with self._lock:
-            req = self._requests.get(request_id)
-            if req is None or req.done:
+            req = self._active.get(request_id)
+            if req is None:
                 return []
+            self.sched.abort(request_id, reason)
             return [self._finish(req, reason, status="aborted")]
 
-    # ---------------------------------------------------------------- stepping
-    def _release(self, req: Request) -> None:
-        self._free.extend(req.pages)
-        req.pages = []
-        req.computed = 0
+    def close(self) -> None:
+        """Finish transfers in flight (L2/L3 backups) and stop the copy threads."""
+        with self._lock:
+            self.kv.close()
 
+    # ---------------------------------------------------------------- stepping
     def _finish(self, req: Request, reason: str, status: str = "finished") -> TokenEvent:
         req.status, req.finish_reason, req.finished_at = status, reason, time.monotonic()
-        self._release(req)
-        if req.request_id in self._queue:
-            self._queue.remove(req.request_id)
+        self._active.pop(req.request_id, None)
+        req.pages = []
         tail = req.text[req.emitted_chars :]
         req.emitted_chars = len(req.text)
         return TokenEvent(
@@ -241,120 +168,76 @@ class Engine:
             finish_reason=reason,
         )
 
-    def _grow(self, req: Request, end: int) -> bool:
-        need = -(-end // self.config.page_size) - len(req.pages)
-        if need > len(self._free):
-            return False
-        req.pages.extend(self._free.popleft() for _ in range(need))
-        return True
-
-    def _plan(self) -> tuple[list[tuple[Request, int, int]], list[TokenEvent]]:
-        """Choose (request, start, end) chunks for this step; preempt when decode is stuck."""
-        events: list[TokenEvent] = []
-        plan: list[tuple[Request, int, int]] = []
-        budget = self.config.max_batch_tokens
-        active = [self._requests[r] for r in self._queue]
-        running = [r for r in active if r.status == "decode"]
-        planned: set[str] = set()
-        preempted = False
-        for req in running:
-            if req.status != "decode":  # preempted by an earlier request in this loop
-                continue
-            start = req.computed
-            while not self._grow(req, start + 1):
-                # Preempt (recompute later) the youngest request holding pages that is not
-                # already in this step; that may be `req` itself, which then waits.
-                others = [
-                    r for r in active if r.pages and r is not req and r.request_id not in planned
-                ]
-                if not others and not planned:
-                    events.append(self._error(req, "KV pool exhausted; raise --kv-mem"))
-                    break
-                victim = max(others + [req], key=lambda r: r.submitted_at)
-                self._release(victim)
-                victim.status = "waiting"
-                preempted = True
-                if victim is req:
-                    break
-            else:
-                plan.append((req, start, start + 1))
-                planned.add(req.request_id)
-                budget -= 1
-        n_running = len(plan)
-        reserve = len(plan)  # keep a page per decoding request so admission cannot starve it
-        for req in active:
-            if preempted:  # memory is short: no admission in a step that had to preempt
-                break
-            if req.status not in ("waiting", "prefill") or budget <= 0:
-                continue
-            if n_running >= self.config.max_running:
-                break
-            end = min(len(req.tokens), req.computed + budget)
-            need = -(-end // self.config.page_size) - len(req.pages)
-            if need + (reserve if not req.pages else 0) > len(self._free) or not self._grow(
-                req, end
-            ):
-                continue  # admission: wait until pages free up
-            plan.append((req, req.computed, end))
-            req.status = "prefill"
-            budget -= end - req.computed
-            n_running += 1
-        return plan, events
-
-    def _error(self, req: Request, msg: str) -> TokenEvent:
-        req.violations.append(msg)
-        return self._finish(req, "error", status="error")
-
     def step(self) -> list[TokenEvent]:
-        """One iteration: expire timeouts, schedule, run the model once, sample, stream."""
+        """One iteration: schedule, run the model once, commit, sample, stream."""
         with self._lock:
-            events: list[TokenEvent] = []
-            now = time.monotonic()
-            for rid in list(self._queue):
-                req = self._requests[rid]
-                if req.timeout_s is not None and now - req.submitted_at > req.timeout_s:
-                    events.append(self._finish(req, "timeout", status="aborted"))
-            plan, stuck = self._plan()
-            events += stuck
-            if not plan:
+            batch = self.sched.step()
+            events = []
+            for out in batch.ended:  # timeouts
+                req = self._active.get(out.request_id)
+                if req is not None:
+                    events.append(self._finish(req, out.finish_reason or "timeout", "aborted"))
+            for rid in batch.preempted:
+                if rid in self._active:
+                    self._active[rid].status = "waiting"
+            if not batch.seqs:
+                if self.kv.tiers.transfers_in_flight:
+                    self.kv.tiers.wait_progress(0.01)
+                    self.sched.commit(batch, {})
+                else:
+                    self.sched.commit(batch, {})
                 return events
             t0 = time.perf_counter()
-            batch = self._build_batch(plan)
-            logits = self.model.forward(batch, self.pool)
-            n_new = batch.num_tokens
-            for i, (req, _start, end) in enumerate(plan):
-                req.computed = end
-                if end == len(req.tokens):
-                    req.status = "decode"
-                    events.append(self._emit(req, logits[i]))
+            logits = self.model.forward(self._build_batch(batch.seqs), self.pool)
+            sampled = {}
+            for i, w in enumerate(batch.seqs):
+                req = self._active[w.request_id]
+                req.status = "decode" if w.sample else "prefill"
+                if w.sample:
+                    sampled[w.request_id] = sample(logits[i], req.params, req.generator)
+            outs = self.sched.commit(batch, sampled)
+            for out in outs:
+                req = self._active.get(out.request_id)
+                if req is not None:
+                    events.append(self._emit(req, out.token_id, out.finish_reason))
+            for w in batch.seqs:  # mirror the scheduler's view for telemetry
+                seq = self.sched.get(w.request_id)
+                req = self._requests[w.request_id]
+                if seq is not None:
+                    req.pages, req.computed = list(seq.pages), seq.computed
+                    req.cached_tokens = {
+                        t: (seq.cached or {}).get(t, 0) for t in ("L1", "L2", "L3")
+                    }
             dt = time.perf_counter() - t0
-            rate = n_new / dt if dt > 0 else 0.0
-            if all(end - start == 1 for _, start, end in plan):
+            rate = batch.num_tokens / dt if dt > 0 else 0.0
+            if all(len(w.token_ids) == 1 for w in batch.seqs):
                 self._decode_rate = rate
             else:
                 self._prefill_rate = rate
             return events
 
-    def _build_batch(self, plan) -> ForwardBatch:
-        ids, pos, rows, seqs, off = [], [], [], [], 0
+    def _build_batch(self, seqs) -> ForwardBatch:
+        ids, pos, rows, chunks, off = [], [], [], [], 0
         ps = self.config.page_size
-        for req, start, end in plan:
-            ctx_rows = token_rows(req.pages, 0, end, ps)
-            toks = req.tokens[start:end]
-            ids += toks
-            pos += range(start, end)
-            rows.append(ctx_rows[start:end])
-            seqs.append(SeqChunk(start, end, off, ctx_rows.to(self.device), req.request_id))
-            off += end - start
+        for w in seqs:
+            ctx_rows = token_rows(w.page_table, 0, w.stop, ps)
+            ids += w.token_ids
+            pos += range(w.start, w.stop)
+            rows.append(ctx_rows[w.start :])
+            chunks.append(
+                SeqChunk(
+                    w.start, w.stop, off, ctx_rows.to(self.device), w.request_id, list(w.page_table)
+                )
+            )
+            off += w.stop - w.start
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(pos, dtype=torch.long, device=self.device),
             new_rows=torch.cat(rows).to(self.device),
-            seqs=seqs,
+            seqs=chunks,
         )
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> TokenEvent:
-        tok = sample(logits, req.params, req.generator)
+    def _emit(self, req: Request, tok: int, sched_reason: str | None) -> TokenEvent:
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -362,18 +245,14 @@ class Engine:
         self._tokens_generated += 1
         req.text += req.decoder.push(tok) if tok not in self.eos_ids else ""
         verdict = TokenVerdict(pages=tuple(req.pages))
-        reason = None
-        if tok in self.eos_ids and not req.params.ignore_eos:
-            reason = "stop"
+        reason = sched_reason  # "stop" (EOS) or "length" from the scheduler
         for s in req.params.stop:
             cut = req.text.find(s)
             if s and cut >= 0:
                 req.text, reason = req.text[:cut], "stop"
-        if reason is None and len(req.output_ids) >= req.params.max_new_tokens:
-            reason = "length"
-        if reason is None and len(req.tokens) >= self.model_config.max_position_embeddings:
-            reason = "length"
         if reason is not None:
+            if sched_reason is None:  # a stop string: the scheduler still runs it
+                self.sched.abort(req.request_id, "stop")
             return self._finish(req, reason)
         hold = max((len(s) - 1 for s in req.params.stop), default=0)  # stop may still complete
         safe = max(req.emitted_chars, len(req.text) - hold)

@@ -7,12 +7,14 @@ tokens' planes, reading their page tables after the fences) -> `commit(batch, sa
   `max_batch_tokens` positions in all (chunked prefill: a long prompt is computed over several
   steps); new requests are admitted in FIFO order while the budget and `max_running` allow.
 - Admission under the page budget: a request's prefix is looked up in every tier (L3 pages are
-  first prefetched into L2 while the request waits); it is admitted only if the pages its prompt
-  still needs can be allocated now (evicting unlocked cached pages). Prefix pages are shared.
+  first prefetched into L2 while the request waits, reads started once per admission); it is
+  admitted only if the pages its prompt still needs can be allocated now (evicting unlocked
+  cached pages). Prefix pages are shared.
 - Preemption: a sequence that needs a page when none is free evicts cached pages, then waits
-  for frees that transfers in flight will bring, then preempts the newest other running request
-  (its full pages stay in the prefix tree; `preempt="swap"` copies them to L2 first, "recompute"
-  lets the write policy decide) and requeues it at the head: it resumes from its prefix.
+  for frees that transfers in flight will bring, then preempts the newest running request not
+  yet scheduled this step, itself included (its full pages stay in the prefix tree;
+  `preempt="swap"` copies them to L2 first, "recompute" lets the write policy decide) and
+  requeues it at the head: it resumes from its prefix.
 - Timeouts and `abort()`: the request's pages are released; pages a step in flight still writes
   go DRAINING and return to FREE when `commit` acks that step (safe reclaim, invariant 1).
 - Every scheduled page carries the epoch captured now (invariant 3); `commit` first waits for
@@ -83,6 +85,7 @@ class SeqState:
     cached: dict[str, int] | None = None  # prompt tokens served by tier, first admission
     preemptions: int = 0
     order: int = 0  # admission order (newest is preempted first)
+    prefetched: bool = False  # L3 reads were started for this admission
 
     @property
     def tokens(self) -> list[int]:
@@ -238,7 +241,9 @@ class Scheduler:
         """'ok' (running now), 'wait' (its L3 pages are arriving) or 'full' (no room)."""
         tokens, ps = seq.tokens, self.page_size
         max_pages = (len(tokens) - 1) // ps  # always leave a position to compute
-        if self.tiers.prefetch(tokens, max_pages):
+        arriving = self.tiers.prefetch(tokens, max_pages, start=not seq.prefetched)
+        seq.prefetched = True
+        if arriving:
             return "wait"
         hit = self.tiers.acquire(seq.request_id, tokens, max_pages)
         need = self._pages_for(len(tokens)) - len(hit.slots)
@@ -276,8 +281,9 @@ class Scheduler:
                 continue
             if self.tiers.transfers_in_flight:
                 return False  # backups / loads will free slots: wait, don't preempt
-            victims = [s for s in self._running if s is not seq and s.request_id not in scheduled]
-            victim = max(victims, key=lambda s: s.order) if victims else seq
+            # the newest of the others not yet scheduled this step, or `seq` if it is newer
+            victims = [s for s in self._running if s.request_id not in scheduled]
+            victim = max(victims, key=lambda s: s.order)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is seq:
@@ -288,6 +294,7 @@ class Scheduler:
             self.tiers.backup(seq.pages)
         self.tiers.release(seq.request_id)
         seq.pages, seq.computed, seq.status = [], 0, "waiting"
+        seq.prefetched = False
         seq.preemptions += 1
         self.preemptions += 1
         self._running.remove(seq)

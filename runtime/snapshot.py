@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import time
 
-from runtime.telemetry import EngineSnapshot, PageInfo, RadixSummary, RequestInfo, TierUsage
+from runtime.telemetry import (
+    TIERS,
+    EngineSnapshot,
+    PageInfo,
+    RadixSummary,
+    RequestInfo,
+    TierUsage,
+)
 
 
-def build_snapshot(engine) -> EngineSnapshot:
-    pool, ps = engine.pool, engine.config.page_size
-    owner_of: dict[int, tuple[str, int]] = {}
-    requests = []
+def _requests(engine) -> tuple[RequestInfo, ...]:
+    out = []
     for req in engine._requests.values():
-        for i, slot in enumerate(req.pages):
-            filled = min(ps, max(0, req.computed - i * ps))
-            owner_of[slot] = (req.request_id, filled)
-        requests.append(
+        out.append(
             RequestInfo(
                 request_id=req.request_id,
                 status=req.status,
@@ -28,40 +30,77 @@ def build_snapshot(engine) -> EngineSnapshot:
                 verdict=req.verdict,
             )
         )
+    return tuple(out)
+
+
+def _pages(engine) -> tuple[PageInfo, ...]:
     pages = []
-    for slot in range(pool.num_slots):
-        owner = owner_of.get(slot)
+    for rec in engine.kv.alloc.records:
+        sums = rec.checksums
+        digest = None
+        if sums:
+            first = sorted(sums)[0]
+            digest = f"{sums[first] & 0xFFFFFFFFFFFFFFFF:016x}"
+        tiers = set(rec.tiers)
+        if rec.state.value != "FREE":
+            tiers.add("L1")
         pages.append(
             PageInfo(
-                slot=slot,
-                state="READY" if owner else "FREE",
-                owners=(owner[0],) if owner else (),
-                epoch=0,
-                tokens=owner[1] if owner else 0,
-                checksum=None,
-                tiers=("L1",) if owner else (),
+                slot=rec.slot,
+                state=rec.state.value,
+                owners=tuple(sorted(rec.owners)),
+                epoch=rec.epoch,
+                tokens=rec.tokens,
+                checksum=digest,
+                tiers=tuple(t for t in TIERS if t in tiers),
             )
         )
-    used = len(owner_of)
-    bpp = pool.bytes_per_page
-    tiers = (
-        TierUsage("L1", used, pool.num_slots, used * bpp, pool.total_bytes),
-        TierUsage("L2", 0, 0, 0, 0),
-        TierUsage("L3", 0, 0, 0, 0),
+    return tuple(pages)
+
+
+def _radix(engine) -> RadixSummary:
+    tree, ps = engine.kv.tree, engine.config.page_size
+    leaves = [n for n in tree.nodes() if not n.children]
+    deepest = sorted(leaves, key=lambda n: n.depth, reverse=True)[:5]
+    longest = []
+    for node in deepest:
+        ids = [t for n in node.path() for t in n.key]
+        tok = engine.tokenizer
+        preview = tok.decode(ids[:24]) if tok is not None else " ".join(map(str, ids[:12]))
+        longest.append((node.depth * ps, preview.replace("\n", " ")))
+    return RadixSummary(
+        nodes=tree.num_nodes,
+        cached_tokens=tree.num_nodes * ps,
+        longest_prefixes=tuple(longest),
+        hits_by_tier={t: int(tree.hits.get(t, 0)) for t in TIERS},
+    )
+
+
+def build_snapshot(engine) -> EngineSnapshot:
+    stats = engine.kv.tiers.stats()
+    tiers = tuple(
+        TierUsage(
+            t, stats.pages_used[t], stats.pages_total[t], stats.bytes_used[t], stats.bytes_total[t]
+        )
+        for t in TIERS
     )
     return EngineSnapshot(
         time_s=time.monotonic() - engine._started,
         model=str(engine.model_dir),
         arch=engine.model_config.arch,
         device=str(engine.device),
-        page_size=ps,
+        page_size=engine.config.page_size,
         tiers=tiers,
-        pages=tuple(pages),
-        requests=tuple(requests),
-        radix=RadixSummary(0, 0, (), {"L1": 0, "L2": 0, "L3": 0}),
+        pages=_pages(engine),
+        requests=_requests(engine),
+        radix=_radix(engine),
+        transfers_in_flight=stats.transfers_in_flight,
+        evictions=stats.evictions,
+        drained_pages=stats.drained_pages,
         decode_tok_per_s=engine._decode_rate,
         prefill_tok_per_s=engine._prefill_rate,
         tokens_generated=engine._tokens_generated,
+        integrity_events=tuple(getattr(engine, "integrity_events", ())),
         expert_heat=_expert_heat(engine),
     )
 

@@ -30,6 +30,9 @@ class KVPool:
         self.page_size = page_size
         self.dtype = dtype
         self.device = torch.device(device)
+        # Called by every read accessor before it reads (fence wait, invariant 2); set by the
+        # engine's KV stack. Signature: (layer, plane, rows).
+        self.read_guard = None
         self.planes: dict[str, torch.Tensor] = {
             name: torch.zeros(
                 (num_layers, num_slots, page_size, *tail), dtype=dtype, device=self.device
@@ -56,7 +59,9 @@ class KVPool:
         self.flat(layer, name).index_copy_(0, rows, values.to(self.dtype))
 
     def gather(self, layer: int, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Read token rows [N] -> [N, *tail]."""
+        """Read token rows [N] -> [N, *tail], after their pages' fences for this layer."""
+        if self.read_guard is not None:
+            self.read_guard(layer, name, rows)
         return self.flat(layer, name).index_select(0, rows)
 
     def page_view(self, name: str, slot: int) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 One node per full page (key = the page's `page_size` token ids); the path root -> node spells a
 token prefix. A node records where its page lives: an L1 slot, an L2 host slot, an L3 key (any
-subset), the plane checksums its data carries, a lock count (requests holding its L1 page), an
-LRU stamp and a hit counter. `hash` is the chained prefix hash of every token up to and including
-this page: stable across processes, it is the page's L3 key.
+subset), a lock count (requests holding its L1 page), an LRU stamp and a hit counter. `hash` is
+the chained prefix hash of every token up to and including this page: stable across processes,
+it is the page's L3 key. Checksums live with each copy (allocator record, host slot, file
+header), not on the node.
 
 Pure bookkeeping on ints: the tier controller (runtime/kv/tier_controller.py) decides what moves
 where and keeps the node fields in step with the allocator and the host pool.
@@ -41,7 +42,6 @@ class RadixNode:
     l1: int | None = None  # L1 slot holding the page
     l2: int | None = None  # L2 host slot holding (or receiving) a copy
     l3: int | None = None  # L3 key (== hash) when the disk store holds a copy
-    checksums: dict[str, int] | None = None  # plane digests of the page's data, every tier
     lock_ref: int = 0  # requests holding a reference on the L1 page
     pending: int = 0  # transfers in flight that name this node
     evicting: bool = False  # an L1 eviction waits for this node's backup

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,16 +108,24 @@ def forward(model: CausalLM, batch: ForwardBatch, pool: KVPool, all_logits: bool
 # --- CUDA graphs for decode steps (CUDA only; not exercised by the CPU tests) -------------------
 
 
+_MODEL_MODULES = (
+    "runtime.models.base",
+    "runtime.models.layers",
+    "runtime.models.glm_moe_dsa",
+    "runtime.models.glm4_moe",
+)
+
+
 def _plain(obj) -> bool:
-    """True when every weight under obj is a plain tensor (no quantized / offloaded objects,
-    whose calls may sync the host and cannot be captured)."""
+    """True when every weight under obj is a plain tensor (no quantized / offloaded weight
+    objects, whose calls may sync the host and cannot be captured)."""
     if obj is None or isinstance(obj, torch.Tensor | int | float | bool | str):
         return True
     if isinstance(obj, ModelConfig | RotaryTables):
         return True
     if isinstance(obj, Experts):
         return obj.stacked() is not None
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if dataclasses.is_dataclass(obj) and type(obj).__module__ in _MODEL_MODULES:
         return all(_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return False
 
@@ -133,11 +142,11 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
 
 @dataclasses.dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None
     input_ids: torch.Tensor  # int64 [Bb]
     positions: torch.Tensor  # int64 [Bb]
     km: KernelMeta  # static index buffers, max_len = width * page_size
-    logits: torch.Tensor  # fp32 [Bb, V] written by each replay
+    logits: torch.Tensor | None  # fp32 [Bb, V] written by each replay
 
 
 class DecodeGraphs:
@@ -177,7 +186,14 @@ class DecodeGraphs:
         if g is None:
             if len(self.graphs) >= self.MAX_GRAPHS:
                 return None
-            g = self.graphs[(bb, width)] = self._capture(bb, width, pool)
+            try:
+                g = self._capture(bb, width, pool)
+            except Exception as exc:  # e.g. an op that cannot be captured: stay eager
+                self.enabled = False
+                msg = f"CUDA graph capture failed, decode runs eagerly: {exc!r}"
+                warnings.warn(msg, stacklevel=2)
+                return None
+            self.graphs[(bb, width)] = g
         self._load(g, batch, B, width)
         for li, layer in enumerate(self.model.layers):  # every plane the replay will read
             for plane in layer.attn.read_planes(g.km.max_len):
@@ -202,8 +218,9 @@ class DecodeGraphs:
         km.slot_mapping[:B].copy_(real.slot_mapping)
         km.slot_mapping[B:].fill_(-1)  # padding rows store nothing
 
-    def _capture(self, bb: int, width: int, pool: KVPool) -> _Graph:
-        model, dev = self.model, self.model.device
+    def _buffers(self, bb: int, width: int, pool: KVPool) -> _Graph:
+        """Static inputs of a (bb, width) graph, holding a null step (no store, no key read)."""
+        dev = self.model.device
         i32 = dict(dtype=torch.int32, device=dev)
         km = KernelMeta(
             page_size=pool.page_size,
@@ -211,28 +228,35 @@ class DecodeGraphs:
             page_table=torch.zeros((bb, width), **i32),
             seq_lens=torch.zeros(bb, **i32),
             token_seq=torch.arange(bb, **i32),
-            token_limit=torch.zeros(bb, **i32),  # warm-up / capture: no key read
-            slot_mapping=torch.full((bb,), -1, dtype=torch.int64, device=dev),  # no store
+            token_limit=torch.zeros(bb, **i32),
+            slot_mapping=torch.full((bb,), -1, dtype=torch.int64, device=dev),
             max_len=width * pool.page_size,
         )
         ids = torch.zeros(bb, dtype=torch.long, device=dev)
         pos = torch.zeros(bb, dtype=torch.long, device=dev)
+        return _Graph(None, ids, pos, km, None)
 
-        def step() -> torch.Tensor:
-            return run_layers(model, ids, pos, km, pool, [], bb, None)
+    def _step_fn(self, g: _Graph, pool: KVPool):
+        """The decode step over g's static buffers (what the graph records)."""
+        bb = g.input_ids.shape[0]
+        return lambda: run_layers(self.model, g.input_ids, g.positions, g.km, pool, [], bb, None)
 
+    def _capture(self, bb: int, width: int, pool: KVPool) -> _Graph:
+        dev = self.model.device
+        g = self._buffers(bb, width, pool)
+        step = self._step_fn(g, pool)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # compiles the Triton kernels, warms the allocator
+        with torch.cuda.stream(side):  # null steps: compile the Triton kernels, warm the allocator
             for _ in range(2):
                 step()
         torch.cuda.current_stream(dev).wait_stream(side)
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            logits = step()
-        return _Graph(graph, ids, pos, km, logits)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self.mempool, capture_error_mode="thread_local"):
+            g.logits = step()
+        return g
 
 
 __all__ = ["forward", "run_layers", "DecodeGraphs", "graph_safe", "call_hooks"]
