@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python -m pytest -q tests/bench --benchmark-only
 
 gpu-check: install
+	$(BIN)/python -m kernels.gpu_check --json docs/gpu-kernels.json
 	$(BIN)/kvscope bench --device cuda --json docs/gpu-check.json
 
 clean:

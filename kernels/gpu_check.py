@@ -4,10 +4,13 @@
     python -m kernels.gpu_check --compile 90      # no GPU needed
 
 Inputs are fresh random tensors at GLM-5 / GLM-4.5 layer sizes (bf16; experts cut to 32 to keep
-the reference quick). Exit status 0 when every op matches within its tolerance, 1 otherwise;
-without CUDA it prints why and exits 0 (nothing to check; the CPU tests run the same kernels
-through Triton's interpreter: ``pytest tests/kernels``). ``--smoke`` runs tiny sizes on any
-device (on CPU through the interpreter; timings meaningless) to test this script itself.
+the reference quick). The last check, "model", runs the whole model on tiny checkpoints of both
+architectures through the kernels (decode steps from CUDA graphs, then eagerly) against the torch
+path on CPU (runtime/models/kernel_check.py). Exit status 0 when every op matches within its
+tolerance, 1 otherwise; without CUDA it prints why and exits 0 (nothing to check; the CPU tests
+run the same kernels through Triton's interpreter: ``pytest tests/kernels``). ``--smoke`` runs
+tiny sizes on any device (on CPU through the interpreter; timings meaningless) to test this
+script itself.
 ``--compile CC`` compiles every kernel as the wrappers launch it at GPU sizes for sm_CC down to a
 cubin (Triton ships ptxas), without a GPU: it catches what the interpreter does not check.
 """
@@ -237,6 +240,29 @@ def check_fused_moe(dev, iters):
     return out_rows
 
 
+def check_model(dev, iters):
+    """The whole model, kernel path vs torch path (runtime/models/kernel_check.py), on tiny
+    checkpoints of both architectures in fp32 and bf16: batched prefill over scattered pages,
+    then decode steps (on CUDA replayed from CUDA graphs, and again eagerly). The error column is
+    max |logit diff|; timings are a decode step with graphs (triton) and without (torch column)."""
+    from runtime.models.kernel_check import compare
+
+    rows = []
+    for arch in ("glm_moe_dsa", "glm4_moe"):
+        for dtype in (torch.float32, torch.bfloat16):
+            if SMOKE:
+                r = compare(arch, dtype, dev, prompt_lens=(18, 4), steps=1)
+            else:
+                r = compare(arch, dtype, dev)
+            err = r.max_err if r.ok else float("inf")  # a token mismatch / no graph fails too
+            shape = (
+                f"{arch} {r.dtype}: tokens off {r.token_mismatches}, graphs {r.graphs}, "
+                f"graph vs eager {r.graph_vs_eager_err:.1e}, raw err {r.max_err:.1e}"
+            )
+            rows.append((shape, err, r.tol, 1000 * r.decode_ms_graph, 1000 * r.decode_ms_eager))
+    return rows
+
+
 CHECKS: dict[str, Callable] = {
     "rmsnorm": check_rmsnorm,
     "rope_interleave": check_rope,
@@ -248,6 +274,7 @@ CHECKS: dict[str, Callable] = {
     "mla_decode": check_mla_decode,
     "gqa_decode": check_gqa_decode,
     "fused_moe": check_fused_moe,
+    "model": check_model,
 }
 
 
@@ -278,6 +305,12 @@ def _meta_launches() -> dict[str, Callable[[], object]]:
             t(8, 64, 192, dtype=dt), t(8, 64, 64, dtype=dt), t(1000, 64, 576, dtype=dt),
             t(8, 128, dtype=i32), t(8, 2048, dtype=i32), t(64, 192, 512, dtype=dt),
             t(64, 256, 512, dtype=dt), scale=0.1, row_limit=t(8, dtype=i32),
+        )  # fmt: skip
+        mla_decode.mla_decode(  # as the model path calls it: prefill rows with their sequence
+            t(8, 64, 192, dtype=dt), t(8, 64, 64, dtype=dt), t(1000, 64, 576, dtype=dt),
+            t(2, 128, dtype=i32), t(8, 2048, dtype=i32), t(64, 192, 512, dtype=dt),
+            t(64, 256, 512, dtype=dt), scale=0.1, row_seq=t(8, dtype=i32),
+            row_limit=t(8, dtype=i32),
         )  # fmt: skip
         gqa_decode.gqa_decode(
             t(8, 96, 128, dtype=dt), t(1000, 64, 8, 128, dtype=dt), t(1000, 64, 8, 128, dtype=dt),

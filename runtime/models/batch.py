@@ -96,10 +96,14 @@ class KernelMeta:
         seqs = batch.seqs
         rows = cls.page_rows(seqs, page_size)
         width = max([max_pages, 1] + [len(r) for r in rows])
-        pt = torch.zeros((len(seqs), width), dtype=torch.int32, device=device)
-        for b, r in enumerate(rows):
-            if len(r):
-                pt[b, : len(r)] = torch.as_tensor(r, device=device).to(torch.int32)
+        if all(isinstance(r, list) for r in rows):  # one host-to-device copy
+            padded = [r + [0] * (width - len(r)) for r in rows]
+            pt = torch.tensor(padded, dtype=torch.int32).reshape(len(seqs), width).to(device)
+        else:
+            pt = torch.zeros((len(seqs), width), dtype=torch.int32, device=device)
+            for b, r in enumerate(rows):
+                if len(r):
+                    pt[b, : len(r)] = torch.as_tensor(r, device=device).to(torch.int32)
         t = batch.num_tokens
         tok_seq, limit = [0] * t, [0] * t
         for b, s in enumerate(seqs):

@@ -16,7 +16,6 @@ from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.batch import ForwardBatch, KernelMeta
 from runtime.models.glm_moe_dsa import _causal
-from runtime.models.kernel_path import call_hooks
 from runtime.models.layers import linear, rms_norm
 from runtime.models.rope import RotaryTables, rope_neox_partial
 
@@ -69,7 +68,7 @@ class GQAAttention:
     def read_planes(self, max_len: int) -> list[str]:
         return ["k", "v"]
 
-    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, hooks, b):
+    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, reads):
         """forward() through the kernels for all T tokens at once: QK-norm, partial neox RoPE,
         page stores of K and V, paged GQA attention over the page tables."""
         cfg = self.cfg
@@ -85,8 +84,8 @@ class GQAAttention:
         k_plane, v_plane = pool.planes["k"][layer], pool.planes["v"][layer]  # [slots, P, Hk, Dh]
         ops.page_store(k_plane, km.slot_mapping, k)
         ops.page_store(v_plane, km.slot_mapping, v)
-        call_hooks(hooks, layer, "k", b)
-        call_hooks(hooks, layer, "v", b)
+        reads(layer, "k")
+        reads(layer, "v")
         out = ops.gqa_decode(
             q,
             k_plane,

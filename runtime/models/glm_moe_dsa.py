@@ -23,7 +23,6 @@ from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.batch import ForwardBatch, KernelMeta
-from runtime.models.kernel_path import call_hooks
 from runtime.models.layers import linear, rms_norm
 from runtime.models.rope import RotaryTables, rope_interleaved, yarn_mscale
 
@@ -106,7 +105,7 @@ class MLAAttention:
         full = self.indexer is not None and max_len > self.cfg.index_topk
         return ["index_k", "latent"] if full else ["latent"]
 
-    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, hooks, b):
+    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, reads):
         """forward() through the kernels for all T tokens at once: RoPE, page stores of the new
         latent / indexer-key rows, DSA top-k, absorbed sparse MLA over the page tables."""
         cfg = self.cfg
@@ -122,7 +121,7 @@ class MLAAttention:
         ops.page_store(plane, km.slot_mapping, latent)
         ops.page_store(plane, km.slot_mapping, ops.rope_interleave(ckv[:, kl:], cos, sin), kl)
         if self.indexer is not None:
-            state["topk"] = self._select_kernels(x, q_resid, km, pool, layer, state, hooks, b)
+            state["topk"] = self._select_kernels(x, q_resid, km, pool, layer, state, reads)
         sel = state["topk"]
         if sel is None:  # every causal position (row_limit cuts each row)
             sel = state.get("all_pos")
@@ -130,7 +129,7 @@ class MLAAttention:
                 sel = state["all_pos"] = torch.arange(
                     km.max_len, dtype=torch.int32, device=x.device
                 ).expand(t, km.max_len)
-        call_hooks(hooks, layer, "latent", b)
+        reads(layer, "latent")
         out = ops.mla_decode(
             q[..., :nd],
             q_rope,
@@ -145,7 +144,7 @@ class MLAAttention:
         )  # [T, H, Vd]
         return linear(out.reshape(t, nh * cfg.v_head_dim), self.o_proj, self.o_bias)
 
-    def _select_kernels(self, x, q_resid, km: KernelMeta, pool, layer, state, hooks, b):
+    def _select_kernels(self, x, q_resid, km: KernelMeta, pool, layer, state, reads):
         """Stores the indexer keys; DSA top-k int32 [T, min(index_topk, max_len)] (-1 = unused),
         or None when every context fits in index_topk (the selection is the causal set)."""
         cfg, ix = self.cfg, self.indexer
@@ -160,7 +159,7 @@ class MLAAttention:
         q = linear(q_resid, ix.wq_b).view(t, hi, di)
         q = torch.cat([ops.rope_interleave(q[..., :r], cos, sin), q[..., r:]], dim=-1)
         w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
-        call_hooks(hooks, layer, "index_k", b)
+        reads(layer, "index_k")
         return ops.dsa_indexer_topk(
             q,
             w.contiguous(),

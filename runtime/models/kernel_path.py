@@ -14,9 +14,10 @@ and dense MLPs stay torch). The index tensors come from ``ForwardBatch.kernel_me
 CUDA graphs (CUDA only, ``DecodeGraphs``): a decode step (one new token per sequence, sequence b
 at flat row b, last-token logits) is replayed from a graph captured per (batch-size bucket,
 page-table width bucket) over static input buffers; padding rows store nothing (slot -1) and read
-nothing (limit 0). The ``before_read`` hooks of every (layer, plane, sequence) the graph reads are
-called before the replay. Anything that does not fit (prefill chunks, a batch larger than the
-largest bucket, quantized / offloaded weights that may sync the host, ``all_logits``) runs eagerly.
+nothing (limit 0). The pool's read guard and the ``before_read`` hooks of every (layer, plane,
+sequence) the graph reads run before the replay. Anything that does not fit (prefill chunks, a
+batch larger than the largest bucket, quantized / offloaded weights that may sync the host,
+``all_logits``) runs eagerly.
 ``KVSCOPE_CUDA_GRAPHS=0`` turns graphs off.
 """
 
@@ -41,11 +42,27 @@ if TYPE_CHECKING:
     from runtime.models.base import CausalLM
 
 
-def call_hooks(hooks: list, layer: int, plane: str, num_seqs: int) -> None:
-    """``before_read`` hooks for one plane of one layer, once per sequence."""
-    for si in range(num_seqs):
-        for hook in hooks:
-            hook(layer, plane, si)
+class Reads:
+    """What must run before a kernel reads one plane of one layer for a batch: the pool's
+    ``read_guard`` (fence waits, as ``KVPool.gather`` does) over the batch's context rows, then
+    the batch's ``before_read`` hooks once per sequence. Call as ``reads(layer, plane)``."""
+
+    def __init__(self, pool: KVPool, batch: ForwardBatch):
+        self.pool, self.batch = pool, batch
+        self._rows: torch.Tensor | None = None
+
+    def __call__(self, layer: int, plane: str) -> None:
+        if self.pool.read_guard is not None:
+            if self._rows is None:
+                self._rows = torch.cat([s.ctx_rows for s in self.batch.seqs])
+            self.pool.read_guard(layer, plane, self._rows)
+        for si in range(len(self.batch.seqs)):
+            for hook in self.batch.before_read:
+                hook(layer, plane, si)
+
+
+def no_reads(layer: int, plane: str) -> None:
+    """Reads of a CUDA graph's recorded step: guarded before each replay instead."""
 
 
 def rope_tables(model: CausalLM, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +77,7 @@ def run_layers(
     positions: torch.Tensor,
     km: KernelMeta,
     pool: KVPool,
-    hooks: list,
-    num_seqs: int,
+    reads,
     last_idx: torch.Tensor | None,
 ) -> torch.Tensor:
     """Embedding -> layers -> norm -> LM head over the kernels; no host sync (graph-capturable
@@ -72,7 +88,7 @@ def run_layers(
     residual = None
     for li, layer in enumerate(model.layers):
         x, residual = ops.rmsnorm(h, layer.input_norm, eps, residual)
-        h = layer.attn.forward_kernels(x, km, pool, li, state, hooks, num_seqs)
+        h = layer.attn.forward_kernels(x, km, pool, li, state, reads)
         x, residual = ops.rmsnorm(h, layer.post_norm, eps, residual)
         h = layer.mlp(x)  # MoE.__call__ takes ops.fused_moe when it can
     if last_idx is not None:
@@ -99,8 +115,7 @@ def forward(model: CausalLM, batch: ForwardBatch, pool: KVPool, all_logits: bool
         batch.positions.to(model.device),
         km,
         pool,
-        batch.before_read,
-        len(batch.seqs),
+        Reads(pool, batch),
         last,
     )
 
@@ -195,9 +210,10 @@ class DecodeGraphs:
                 return None
             self.graphs[(bb, width)] = g
         self._load(g, batch, B, width)
+        reads = Reads(pool, batch)
         for li, layer in enumerate(self.model.layers):  # every plane the replay will read
             for plane in layer.attn.read_planes(g.km.max_len):
-                call_hooks(batch.before_read, li, plane, B)
+                reads(li, plane)
         g.graph.replay()
         return g.logits[:B].clone()
 
@@ -238,8 +254,7 @@ class DecodeGraphs:
 
     def _step_fn(self, g: _Graph, pool: KVPool):
         """The decode step over g's static buffers (what the graph records)."""
-        bb = g.input_ids.shape[0]
-        return lambda: run_layers(self.model, g.input_ids, g.positions, g.km, pool, [], bb, None)
+        return lambda: run_layers(self.model, g.input_ids, g.positions, g.km, pool, no_reads, None)
 
     def _capture(self, bb: int, width: int, pool: KVPool) -> _Graph:
         dev = self.model.device
@@ -259,4 +274,4 @@ class DecodeGraphs:
         return g
 
 
-__all__ = ["forward", "run_layers", "DecodeGraphs", "graph_safe", "call_hooks"]
+__all__ = ["forward", "run_layers", "DecodeGraphs", "graph_safe", "Reads", "no_reads"]
