@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from runtime.config import ModelConfig, load_config
 from runtime.engine_config import EngineConfig
 from runtime.errors import KvscopeError, RequestError
+from runtime.integrity.monitor import IntegrityMonitor
+from runtime.integrity.verdicts import token_verdict
 from runtime.kv.pool import token_rows
 from runtime.kv.stack import build_kv_stack
 from runtime.models import build_model
@@ -69,10 +72,18 @@ class Engine:
         has_tok = (self.model_dir / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer(self.model_dir) if has_tok else None
         self.eos_ids = eos_ids(self.model_config, self.model_dir, self.tokenizer)
+        ic = c.integrity if not c.unsafe else replace(c.integrity, protections=False)
+        self.monitor = IntegrityMonitor(ic)
         self.kv = build_kv_stack(
-            self.model_config, c, self.model_dir, self.dtype, self.device, copy_hooks
+            self.model_config,
+            c,
+            self.model_dir,
+            self.dtype,
+            self.device,
+            copy_hooks or self.monitor.faults.copy_hooks(),
         )
         self.pool, self.sched = self.kv.pool, self.kv.sched
+        self.monitor.attach(self)
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
         self._active: dict[str, Request] = {}  # submitted, not finished
@@ -149,6 +160,7 @@ class Engine:
     def close(self) -> None:
         """Finish transfers in flight (L2/L3 backups) and stop the copy threads."""
         with self._lock:
+            self.monitor.land_all_late_writes()
             self.kv.close()
 
     # ---------------------------------------------------------------- stepping
@@ -188,18 +200,42 @@ class Engine:
                     self.sched.commit(batch, {})
                 return events
             t0 = time.perf_counter()
+            checks = self.monitor.before_forward(batch)
             logits = self.model.forward(self._build_batch(batch.seqs), self.pool)
-            sampled = {}
+            self.monitor.after_forward(batch, checks)
+            sampled, shadows = {}, {}
             for i, w in enumerate(batch.seqs):
                 req = self._active[w.request_id]
                 req.status = "decode" if w.sample else "prefill"
-                if w.sample:
-                    sampled[w.request_id] = sample(logits[i], req.params, req.generator)
-            outs = self.sched.commit(batch, sampled)
+                if not w.sample or w.request_id in checks.bad:
+                    continue
+                state = req.generator.get_state()
+                sampled[w.request_id] = sample(logits[i], req.params, req.generator)
+                if self.monitor.shadow_due():
+                    ctx = req.tokens[: w.stop]
+                    top1, delta = self.monitor.shadow(ctx, logits[i])
+                    shadows[w.request_id] = (top1, delta)
+                    if not top1 or delta > self.monitor.shadow_tolerance():
+                        reason = f"shadow recompute disagrees (max |dlogit| {delta:.3g})"
+                        checks.bad[w.request_id].append(reason)
+                        self.monitor.event(w.request_id, "shadow", reason, w.page_table)
+                        del sampled[w.request_id]
+                        req.generator.set_state(state)
+            outs = self.sched.commit(batch, sampled, discard=checks.bad)
+            victim = self.monitor.faults.maybe_hold_back(self, batch)
+            for rid, reasons in checks.bad.items():  # recovered: recomputed, never emitted
+                if rid in self._active:
+                    self._active[rid].violations.append("recovered: " + "; ".join(reasons))
+                    self.monitor.event(rid, "recovery", "step discarded and recomputed")
+                    self.monitor.faults.note_recovered(reasons)
             for out in outs:
                 req = self._active.get(out.request_id)
                 if req is not None:
-                    events.append(self._emit(req, out.token_id, out.finish_reason))
+                    verdict = token_verdict(self, req, checks, shadows.get(out.request_id))
+                    events.append(self._emit(req, out.token_id, out.finish_reason, verdict))
+            if victim is not None and victim in self._active:  # the injected timeout
+                events += self.abort(victim, "timeout")
+            self.monitor.faults.corrupt_tiers(self)
             for w in batch.seqs:  # mirror the scheduler's view for telemetry
                 seq = self.sched.get(w.request_id)
                 req = self._requests[w.request_id]
@@ -237,14 +273,16 @@ class Engine:
             seqs=chunks,
         )
 
-    def _emit(self, req: Request, tok: int, sched_reason: str | None) -> TokenEvent:
+    def _emit(
+        self, req: Request, tok: int, sched_reason: str | None, verdict: TokenVerdict
+    ) -> TokenEvent:
         now = time.monotonic()
         if req.first_token_at is None:
             req.first_token_at = now
         req.output_ids.append(tok)
         self._tokens_generated += 1
         req.text += req.decoder.push(tok) if tok not in self.eos_ids else ""
-        verdict = TokenVerdict(pages=tuple(req.pages))
+        verdict = self.monitor.text_checks(req, verdict)
         reason = sched_reason  # "stop" (EOS) or "length" from the scheduler
         for s in req.params.stop:
             cut = req.text.find(s)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from runtime.errors import KvscopeError
+from runtime.integrity.config import IntegrityConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +28,7 @@ class EngineConfig:
     write_policy: str = "write_through"  # write_through | write_through_selective | write_back
     preempt: str = "recompute"  # recompute | swap (back pages up to L2 first)
     unsafe: bool = False  # protections off: no drain, no fence waits, no checksums (demo only)
+    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
     # Weights (runtime/weights/placement.py, docs/quantization.md)
     quant: str = "none"  # none | nf4 | int8 | int4
     gpu_mem: int | None = None  # bytes of GPU memory for weights; None = free memory

@@ -197,12 +197,20 @@ class Scheduler:
         seqs = tuple(self._work_item(seq, n, writer) for seq, n in work)
         return ScheduledBatch(n_step, writer, seqs, tuple(preempted), tuple(ended))
 
-    def commit(self, batch: ScheduledBatch, sampled: Mapping[str, int]) -> list[StepOutput]:
+    def commit(
+        self,
+        batch: ScheduledBatch,
+        sampled: Mapping[str, int],
+        discard: Iterable[str] = (),
+    ) -> list[StepOutput]:
         """Apply a computed batch: ack its writes, verify its loads, advance, append tokens.
 
         `sampled[request_id]` is the token of every sequence with `sample` set (ignored for
         requests aborted since `step`). Returns one StepOutput per new token.
+        `discard`: sequences whose computation this step read untrustworthy KV (integrity): their
+        positions do not advance, nothing is appended, and they are preempted to recompute.
         """
+        discard = set(discard)
         for slot in self._writes.pop(batch.writer, []):
             self.alloc.end_write(slot, batch.writer)
         self.tiers.wait_loads(sorted({s for w in batch.seqs for s in w.page_table}))
@@ -212,6 +220,9 @@ class Scheduler:
         for w in batch.seqs:
             seq = self._seqs.get(w.request_id)
             if seq is None or seq.status != "running" or seq.request_id in rolled:
+                continue
+            if seq.request_id in discard:
+                self._preempt(seq)
                 continue
             assert seq.computed == w.start
             seq.computed = w.stop

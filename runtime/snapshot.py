@@ -100,7 +100,7 @@ def build_snapshot(engine) -> EngineSnapshot:
         decode_tok_per_s=engine._decode_rate,
         prefill_tok_per_s=engine._prefill_rate,
         tokens_generated=engine._tokens_generated,
-        integrity_events=tuple(getattr(engine, "integrity_events", ())),
+        integrity_events=tuple(engine.monitor.events)[-200:],
         expert_heat=_expert_heat(engine),
     )
 

@@ -47,6 +47,7 @@ class RadixNode:
     evicting: bool = False  # an L1 eviction waits for this node's backup
     last_access: int = 0
     hits: int = 0
+    poisoned: bool = False  # integrity: its bytes (in some tier) cannot be trusted; never served
 
     @property
     def tiers(self) -> tuple[str, ...]:
@@ -93,7 +94,7 @@ class RadixTree:
         stamp = next(self._clock)
         for key in self.page_keys(tokens, max_pages):
             node = node.children.get(key)
-            if node is None:
+            if node is None or node.poisoned:
                 break
             node.last_access = stamp
             path.append(node)

@@ -80,7 +80,9 @@ def build_kv_stack(
     if slots < 1:
         raise KvscopeError(f"--kv-mem too small: one KV page needs {bpp} bytes")
     pool = KVPool(cfg.num_layers, slots, ps, cfg.plane_widths(), dtype, device)
-    alloc = PageAllocator(slots, ps, unsafe=ec.unsafe)
+    # Tier copies always drain. --unsafe / bypass_drain only let the injected delayed writer
+    # skip the drain (runtime/integrity/faults.py), which is the incident's bug 1.
+    alloc = PageAllocator(slots, ps)
     tree = RadixTree(ps)
     copier = CopyEngine(cfg.num_layers, device, hooks=copy_hooks)
     specs = plane_specs(pool.planes)

@@ -198,6 +198,52 @@ class TierController(TierMoves):
         self._backup([n for s in slots if (n := self.tree.node_of_l1(s)) is not None])
 
     # ---- readers ------------------------------------------------------------------------------
+    def invalidate(self, slots: Sequence[int]) -> int:
+        """Integrity recovery: the L1 pages `slots` hold bytes that cannot be trusted. Their
+        tree nodes and every descendant (pages computed after them) lose every tier copy, so
+        the prefix is recomputed, never served again. Owners keep their references; the pages
+        go FREE when the owners leave. Returns how many tree nodes were dropped."""
+        todo = [n for n in (self.tree.node_of_l1(s) for s in slots) if n is not None]
+        dropped, seen, visited = 0, set(), []
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            visited.append(node)
+            node.poisoned = True  # never matched again, whatever copy is still in flight
+            todo.extend(node.children.values())
+            if node.l1 is not None and node.l1 not in self._loading:
+                slot, rec = node.l1, self.alloc.records[node.l1]
+                self.tree.set_l1(node, None)
+                if rec.state is PageState.CACHED:
+                    self.alloc.evict(slot)
+                else:
+                    self.alloc.set_in_tree(slot, False)
+                rec.tiers = {"L1"}
+            host_slot = self.host.slots[node.l2] if node.l2 is not None and self.host else None
+            if host_slot is not None and host_slot.state == "READY" and not host_slot.busy:
+                self._drop_l2_keep(node)
+            if node.l3 is not None and self.disk is not None:
+                self.disk.delete(node.hash)
+                self.tree.set_l3(node, False)
+            dropped += 1
+        for node in reversed(visited):  # leaves first
+            self.tree.prune(node)
+        return dropped
+
+    def _drop_l2_keep(self, node) -> None:
+        """Free a node's L2 copy without pruning (invalidate prunes once at the end)."""
+        hs = node.l2
+        self.tree.set_l2(node, None)
+        self.host.free(hs)
+        self._from_l3.discard(hs)
+
+    def fence_done(self, slot: int, layer: int) -> bool:
+        """Non-blocking: has `layer` of any load into `slot` landed (True when none)?"""
+        t = self._loading.get(slot)
+        return t is None or t.fences[layer].done()
+
     def loads_in_flight(self) -> bool:
         """True while any L2 -> L1 load-back has not been applied (cheap; no locking)."""
         return bool(self._loading)

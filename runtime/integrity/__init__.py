@@ -1,0 +1,1 @@
+"""Per-token integrity: epochs, fences, checksums, shadow recompute, anomalies, fault injection."""

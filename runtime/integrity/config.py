@@ -1,0 +1,38 @@
+"""Integrity settings and the `--inject KIND[:RATE]` grammar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.errors import KvscopeError
+
+FAULT_KINDS = ("abort-reuse", "skip-fence", "host-bitflip", "disk-corrupt")
+DEFAULT_RATES = {"abort-reuse": 0.05, "skip-fence": 0.5, "host-bitflip": 0.05, "disk-corrupt": 0.2}
+
+
+@dataclass(frozen=True)
+class IntegrityConfig:
+    protections: bool = True  # False = --unsafe: no drain, no fence waits, no checksums
+    bypass_drain: bool = False  # injection aid: reuse pages at once, but keep detection on
+    checksum_sample: float = 0.05  # share of steps that re-verify one full page a batch reads
+    shadow_rate: float = 0.01  # share of tokens recomputed without the cache
+    shadow_tol: float = 1e-3  # max |delta logit| (fp32); bf16/fp16 use 5e-2
+    faults: dict[str, float] = field(default_factory=dict)  # kind -> rate
+    seed: int = 0
+
+
+def parse_inject(specs: list[str]) -> dict[str, float]:
+    """['abort-reuse', 'skip-fence:0.2'] -> {kind: rate}; one-line KvscopeError otherwise."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        kind, _, rate = spec.partition(":")
+        if kind not in FAULT_KINDS:
+            raise KvscopeError(f"--inject {spec}: unknown kind; choose {', '.join(FAULT_KINDS)}")
+        try:
+            r = float(rate) if rate else DEFAULT_RATES[kind]
+        except ValueError:
+            raise KvscopeError(f"--inject {spec}: RATE must be a number in (0, 1]") from None
+        if not 0 < r <= 1:
+            raise KvscopeError(f"--inject {spec}: RATE must be in (0, 1]")
+        out[kind] = r
+    return out

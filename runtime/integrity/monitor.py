@@ -1,0 +1,168 @@
+"""IntegrityMonitor: validates every KV read of an engine step and recovers from bad pages.
+
+Who may write a page: only the step that owns it (`step#N` writer, acked in commit) or a tier
+copy (load-back writer, fenced per layer). What a reader checks, per step and sequence:
+- epochs: every page's epoch captured at scheduling is still current, and the reader still
+  owns it (invariant 3);
+- fences: a page in LOADING is read only after its layer's fence completed (invariant 2) —
+  checked at the moment of the read, inside the pool accessor;
+- checksums: pages arriving from L2/L3 are verified by the tier controller; a sampled share
+  of steps also re-hashes one full page the batch reads and compares it with its record;
+- late writes: a writer that acks into an epoch newer than the one it began in landed in
+  a page that meanwhile changed hands (the GLM-5 use-after-free) — its victims are detected.
+A sequence that read untrusted bytes is discarded for the step (its token is never emitted),
+the bad pages are invalidated in every tier, and it recomputes from its clean prefix.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import torch
+
+from runtime.integrity.config import IntegrityConfig
+from runtime.integrity.faults import FaultInjector
+from runtime.kv.checksum import page_checksums
+from runtime.telemetry import IntegrityEvent
+
+
+@dataclass
+class StepChecks:
+    bad: dict[str, list[str]]  # request id -> reasons its step must be recomputed
+    pages: dict[str, tuple[int, ...]]  # request id -> pages whose reads were validated
+    checksums: dict[str, int]  # request id -> page planes re-hashed this step
+    bad_slots: set[int]  # L1 pages whose bytes cannot be trusted (invalidated in every tier)
+
+
+class IntegrityMonitor:
+    def __init__(self, cfg: IntegrityConfig):
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.faults = FaultInjector(cfg, self)
+        self.events: deque[IntegrityEvent] = deque(maxlen=1000)
+        self.pending_bad: dict[str, list[str]] = defaultdict(list)
+        self._fence_bad: dict[str, list[str]] = defaultdict(list)
+        self.engine = None
+
+    def attach(self, engine) -> None:
+        """Install the read guard in the L1 pool accessor (replacing the plain fence wait)."""
+        self.engine = engine
+        engine.pool.read_guard = self.read_guard
+        self._t0 = time.monotonic()
+
+    def event(self, rid: str, kind: str, detail: str, pages=()) -> None:
+        self.events.append(
+            IntegrityEvent(time.monotonic() - self._t0, rid, kind, detail, tuple(pages))
+        )
+
+    # ---- inside the forward: every read goes through here -----------------------------------
+    def read_guard(self, layer: int, plane: str, rows: torch.Tensor) -> None:
+        tiers = self.engine.kv.tiers
+        if not tiers.loads_in_flight():
+            return
+        slots = torch.unique(rows // self.engine.config.page_size).tolist()
+        skip = not self.cfg.protections or self.faults.skip_fence(plane)
+        if not skip:
+            tiers.wait_layer(slots, layer)
+            return
+        # The read proceeds without waiting (the incident's bug 2). Validation: was every
+        # fence of this layer complete at the moment of the read?
+        open_ = [s for s in slots if not tiers.fence_done(s, layer)]
+        if open_:
+            self.faults.note_skip_fence(changed=True)
+            if self.cfg.protections:
+                for slot in open_:
+                    for rid in self.engine.kv.alloc.records[slot].owners:
+                        self._fence_bad[rid].append(f"read {plane} L{layer} before its fence")
+                        self.event(rid, "fence", f"{plane} layer {layer} read before fence", [slot])
+                self.faults.note_detected("skip-fence")
+
+    # ---- around the forward -----------------------------------------------------------------
+    def before_forward(self, batch) -> StepChecks:
+        alloc = self.engine.kv.alloc
+        bad: dict[str, list[str]] = defaultdict(list)
+        pages = {}
+        for w in batch.seqs:
+            rid = w.request_id
+            pages[rid] = w.page_table
+            if rid in self.pending_bad:
+                bad[rid] += self.pending_bad.pop(rid)
+            if not self.cfg.protections:
+                continue
+            for slot, ep in zip(w.page_table, w.epochs, strict=True):
+                if not alloc.validate(slot, ep, rid):
+                    bad[rid].append(f"page {slot} epoch/owner changed")
+                    self.event(rid, "epoch", f"page {slot} epoch or owner changed", [slot])
+        return StepChecks(bad, pages, {}, set())
+
+    def after_forward(self, batch, checks: StepChecks) -> None:
+        for rid, reasons in self._fence_bad.items():
+            checks.bad[rid] += reasons
+        self._fence_bad.clear()
+        self.faults.land_late_writes(checks)
+        if self.cfg.protections and self.rng.random() < self.cfg.checksum_sample:
+            self._sample_checksum(batch, checks)
+        if checks.bad_slots:
+            self.engine.kv.tiers.invalidate(sorted(checks.bad_slots))
+
+    def land_all_late_writes(self) -> None:
+        """Shutdown: every held-back write lands now (and acks), so no writer stays in flight."""
+        self.faults.flush_late_writes()
+        self.faults.land_late_writes(StepChecks(defaultdict(list), {}, {}, set()))
+
+    def _sample_checksum(self, batch, checks: StepChecks) -> None:
+        alloc, pool = self.engine.kv.alloc, self.engine.pool
+        candidates = [
+            (w.request_id, s)
+            for w in batch.seqs
+            for s in w.page_table
+            if alloc.records[s].checksums and alloc.records[s].state.value in ("READY", "CACHED")
+        ]
+        if not candidates:
+            return
+        rid, slot = self.rng.choice(candidates)
+        want = alloc.records[slot].checksums
+        have = page_checksums(pool.planes, [slot])[0]
+        checks.checksums[rid] = checks.checksums.get(rid, 0) + len(have)
+        if have != want:
+            checks.bad_slots.add(slot)
+            for owner in alloc.records[slot].owners:
+                checks.bad[owner].append(f"page {slot} checksum mismatch")
+                self.event(owner, "checksum", f"page {slot} bytes changed in L1", [slot])
+
+    def text_checks(self, req, verdict):
+        from runtime.integrity.verdicts import apply_text_checks
+
+        tok = self.engine.tokenizer
+        if not hasattr(req, "_prompt_text"):
+            req._prompt_text = tok.decode(req.prompt_ids) if tok is not None else ""
+        return apply_text_checks(req, verdict, req._prompt_text)
+
+    # ---- shadow recompute -----------------------------------------------------------------------
+    def shadow_due(self) -> bool:
+        return self.cfg.protections and self.rng.random() < self.cfg.shadow_rate
+
+    def shadow(self, tokens: list[int], served: torch.Tensor) -> tuple[bool, float]:
+        """Recompute the next-token logits of `tokens` without the cache; compare."""
+        from runtime.kv.pool import KVPool, token_rows
+        from runtime.models.batch import ForwardBatch, SeqChunk
+
+        e = self.engine
+        cfg, ps, n = e.model_config, e.config.page_size, len(tokens)
+        pool = KVPool(cfg.num_layers, -(-n // ps), ps, cfg.plane_widths(), e.dtype, e.device)
+        rows = token_rows(list(range(pool.num_slots)), 0, n, ps).to(e.device)
+        batch = ForwardBatch(
+            torch.tensor(tokens, device=e.device),
+            torch.arange(n, device=e.device),
+            rows,
+            [SeqChunk(0, n, 0, rows)],
+        )
+        ref = e.model.forward(batch, pool)[0]
+        top1 = int(ref.argmax()) == int(served.argmax())
+        return top1, float((ref - served).abs().max())
+
+    def shadow_tolerance(self) -> float:
+        return self.cfg.shadow_tol if self.engine.dtype == torch.float32 else 5e-2
