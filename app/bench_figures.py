@@ -21,7 +21,7 @@ from app.bench_runners import EAGER, RunResult
 
 KV = "kvscope"
 HICACHE_NA = "n/a (HiCache not enabled)"
-OFFLOAD_NA = "n/a (expert offload not enabled)"
+OFFLOAD_NA = "n/a (experts resident; offload with --expert-cache)"
 
 
 def summary(samples: list[float]) -> dict:
@@ -52,9 +52,13 @@ class FigureSpec:
 
 
 def figure_specs(
-    batches: tuple[int, ...], device_type: str, cached_tiers: tuple[str, ...] = ()
+    batches: tuple[int, ...],
+    device_type: str,
+    cached_tiers: tuple[str, ...] = (),
+    expert_cache: bool = False,
 ) -> list[FigureSpec]:
-    """cached_tiers: tiers whose cached-prefix TTFT kvscope measured; the others print n/a."""
+    """cached_tiers: tiers whose cached-prefix TTFT kvscope measured (the others print n/a);
+    expert_cache: kvscope ran with routed experts offloaded behind its expert cache."""
     specs = []
     for b in batches:
         specs.append(
@@ -77,6 +81,17 @@ def figure_specs(
                 f"b{b}",
                 lambda r: r.decode_tok_s,
                 floor=True,
+            )
+        )
+    for b in batches:
+        specs.append(
+            FigureSpec(
+                f"decode_cpu_b{b}",
+                f"decode per CPU-second, batch {b}",
+                "tok/cpu-s",
+                "higher",
+                f"b{b}",
+                lambda r: r.decode_tok_cpu_s,
             )
         )
     specs.append(
@@ -113,7 +128,19 @@ def figure_specs(
                 source=f"memory:{dev}",
             )
         )
-    specs.append(FigureSpec("expert_hit_rate", "expert-cache hit rate", "%", "higher", source="na"))
+    specs.append(
+        FigureSpec(
+            "expert_hit_rate",
+            "expert-cache hit rate, batch 1",
+            "%",
+            "higher",
+            f"b{batches[0]}",
+            lambda r: (
+                None if r.extra.get("expert_hit_rate") is None else 100 * r.extra["expert_hit_rate"]
+            ),
+            source="runs" if expert_cache else "na",
+        )
+    )
     return specs
 
 
@@ -137,11 +164,8 @@ def build_figure(
         dev = spec.source.split(":", 1)[1]
         per = {c: [m[dev] / 1e6] for c, m in memory.items() if dev in m}
     else:
-        per = {
-            c: [spec.value(r) for r in by[spec.shape]]
-            for c, by in runs.items()
-            if by.get(spec.shape)
-        }
+        values = {c: [spec.value(r) for r in by.get(spec.shape, [])] for c, by in runs.items()}
+        per = {c: v for c, v in values.items() if v and None not in v}  # None: not measured
     if KV not in per:
         fig["na"] = "n/a (not measured)"
         return fig
@@ -223,7 +247,8 @@ def format_table(figures: list[dict]) -> str:
                 frac,
             ]
         )
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    full = [r for r in rows if not r[1].startswith("n/a")] + [head]
+    widths = [max(len(r[i]) for r in full) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:

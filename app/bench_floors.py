@@ -204,18 +204,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Read-only git query on this checkout (None without git)."""
     root = Path(__file__).resolve().parents[1]
     try:
         r = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return r.stdout.strip() or None
+    return r.stdout.strip() if r.returncode == 0 else None
 
 
 def machine_info(device: torch.device) -> dict:
@@ -245,7 +243,9 @@ def versions() -> dict:
         out["kvscope"] = version("kvscope")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         out["kvscope"] = None
-    out["kvscope_git"] = _git_commit()
+    out["kvscope_git"] = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "runtime", "kernels")
+    out["kvscope_git_dirty"] = None if dirty is None else bool(dirty)  # uncommitted changes
     try:
         import transformers
 

@@ -14,7 +14,7 @@ either): greedy tokens are then comparable one to one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ class RunResult:
     prefill_s: float  # start -> every sequence has its first token's logits
     decode_s: float  # the remaining new_tokens - 1 steps
     tokens: list[list[int]]
+    decode_cpu_s: float = 0.0  # process CPU time of the decode steps (all threads)
+    extra: dict = field(default_factory=dict)  # kvscope: cached_tokens, expert_hit_rate
 
     @property
     def prefill_tok_s(self) -> float:
@@ -44,6 +46,13 @@ class RunResult:
     def decode_tok_s(self) -> float:
         steps = self.new_tokens - 1
         return self.batch * steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def decode_tok_cpu_s(self) -> float:
+        """Tokens per second of process CPU time: what neighbours on a shared machine cannot
+        slow down (time spent descheduled is not counted)."""
+        steps, cpu = self.new_tokens - 1, self.decode_cpu_s
+        return self.batch * steps / cpu if steps > 0 and cpu > 0 else 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -66,9 +75,17 @@ class KvscopeRunner:
         self.engine = Engine(model_dir, config)
         self.device = self.engine.device
         self.dtype = self.engine.dtype
+        self.expert_cache = getattr(self.engine.weight_plan, "cache", None)
+
+    def _expert_counts(self) -> tuple[int, int]:
+        if self.expert_cache is None:
+            return 0, 0
+        st = self.expert_cache.stats()
+        return st.total_hits, st.total_misses
 
     def run(self, prompts: list[list[int]], n: int) -> RunResult:
         eng = self.engine
+        hits0, miss0 = self._expert_counts()
         t0 = time.perf_counter()
         reqs = [
             eng.request(eng.submit(prompt_ids=p, max_new_tokens=n, ignore_eos=True))
@@ -76,18 +93,31 @@ class KvscopeRunner:
         ]
         while any(r.first_token_at is None and not r.done for r in reqs):
             eng.step()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         while any(not r.done for r in reqs):
             eng.step()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         for r in reqs:
             if r.status != "finished" or len(r.output_ids) != n:
                 why = "; ".join(r.violations) or r.finish_reason
                 raise KvscopeError(f"bench: kvscope request ended with {r.status} ({why})")
             eng._requests.pop(r.request_id, None)  # keep the engine's table small across repeats
-        return RunResult(
-            len(prompts), len(prompts[0]), n, t1 - t0, t2 - t1, [r.output_ids for r in reqs]
-        )
+        extra = {
+            "cached_tokens": {
+                t: sum(r.cached_tokens.get(t, 0) for r in reqs) for t in ("L1", "L2", "L3")
+            }
+        }
+        if self.expert_cache is not None:
+            hits, miss = self._expert_counts()
+            hits, miss = hits - hits0, miss - miss0
+            extra["expert_hit_rate"] = hits / (hits + miss) if hits + miss else None
+        toks = [r.output_ids for r in reqs]
+        return RunResult(len(prompts), len(prompts[0]), n, t1 - t0, t2 - t1, toks, c2 - c1, extra)
+
+    def close(self) -> None:
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.engine.close()
 
 
 class HFRunner:
@@ -126,11 +156,13 @@ class HFRunner:
 
         device = self.device
         stamps: list[float] = []
+        cpu: list[float] = []
 
         class Stamp(LogitsProcessor):  # called once per forward, before the token is chosen
             def __call__(self, input_ids, scores):
                 _sync(device)
                 stamps.append(time.perf_counter())
+                cpu.append(time.process_time())
                 return scores
 
         kw = {}
@@ -157,9 +189,8 @@ class HFRunner:
         new = out[:, ids.shape[1] :].tolist()
         if len(stamps) != n or any(len(t) != n for t in new):
             raise KvscopeError(f"bench: transformers produced {len(stamps)} steps, expected {n}")
-        return RunResult(
-            len(prompts), len(prompts[0]), n, stamps[0] - t0, stamps[-1] - stamps[0], new
-        )
+        prefill, decode = stamps[0] - t0, stamps[-1] - stamps[0]
+        return RunResult(len(prompts), len(prompts[0]), n, prefill, decode, new, cpu[-1] - cpu[0])
 
 
 def agreement(a: list[int], b: list[int]) -> dict:
@@ -173,3 +204,35 @@ def agreement(a: list[int], b: list[int]) -> dict:
         "matching": same,
         "first_divergence": None if prefix == len(a) else prefix,
     }
+
+
+class Prompts:
+    """Fresh same-length prompts for every run: run i gets prompts(i) for every contender."""
+
+    def __init__(self, seed: int, vocab: int, length: int):
+        self.seed, self.vocab, self.length = seed, vocab, length
+        self.lo = min(8, vocab - 1)  # keep clear of the special tokens at the start
+
+    def __call__(self, i: int, batch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return torch.randint(self.lo, self.vocab, (batch, self.length), generator=g).tolist()
+
+
+def serial(r: RunResult) -> dict:
+    out = {k: getattr(r, k) for k in ("prefill_s", "decode_s", "decode_cpu_s")}
+    out.update(prefill_tok_s=r.prefill_tok_s, decode_tok_s=r.decode_tok_s)
+    return {**out, "decode_tok_cpu_s": r.decode_tok_cpu_s, **r.extra}
+
+
+def engine_rate(engine) -> float | None:
+    """The engine's own decode rate (its last decode step), a cross-check of ours."""
+    try:
+        return float(engine.snapshot().decode_tok_per_s)
+    except Exception:  # noqa: BLE001 - telemetry must never fail the benchmark
+        return None
+
+
+def select(runner, contender: str):
+    if contender not in ("kvscope", COMPILE_VARIANT):
+        runner.set_variant(contender)
+    return runner

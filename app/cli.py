@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     from app.bench import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="kvscope vs transformers and the physical floors"))
+    c = sub.add_parser("chaos", help="fault injection under KV pressure, with a report")
+    add_common(c)
+    from app.chaos import add_chaos_args
+
+    add_chaos_args(c)
     t = sub.add_parser("make-tiny", help="write a random tiny checkpoint")
     t.add_argument("--arch", required=True, choices=["glm_moe_dsa", "glm4_moe"])
     t.add_argument("--out", required=True)
@@ -94,6 +99,13 @@ def cmd_tui(args) -> int:
     return 0
 
 
+def cmd_chaos(args) -> int:
+    from app.chaos import cmd_chaos as run
+
+    engine_config(args)  # validates the common flags with one-line errors
+    return run(args)
+
+
 def cmd_make_tiny(args) -> int:
     from runtime.weights.tiny import write_tiny
 
@@ -115,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     handlers = {"batch": cmd_batch, "chat": cmd_tui, "inspect": cmd_tui}
     handlers["make-tiny"] = cmd_make_tiny
+    handlers["chaos"] = cmd_chaos
     handlers["bench"] = lambda a: cmd_bench(a, argv)
     try:
         return handlers[args.mode](args)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from runtime.engine import EngineConfig
 from runtime.errors import KvscopeError
+from runtime.integrity.config import IntegrityConfig, parse_inject
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo"
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -60,12 +61,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise KvscopeError(f"--max-running {args.max_running}: must be >= 1")
     unsupported = {
         "--layer-split": args.layer_split != 1,
-        "--inject": bool(args.inject),
-        "--unsafe": args.unsafe,
     }
     for flag, used in unsupported.items():
         if used:
-            raise KvscopeError(f"{flag}: not available in this build yet")
+            raise KvscopeError(f"{flag}: supported by `kvscope batch` only (docs/layersplit.md)")
     if not Path(args.model).is_dir():
         raise KvscopeError(f"--model {args.model}: not a directory")
     if args.expert_cache is not None:
@@ -89,4 +88,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if args.kv_disk_size
         else 4 << 30,
         write_policy=args.write_policy,
+        unsafe=args.unsafe,
+        integrity=IntegrityConfig(
+            faults=parse_inject(args.inject), bypass_drain=getattr(args, "bypass_drain", False)
+        ),
     )

@@ -219,6 +219,7 @@ class Engine:
                         reason = f"shadow recompute disagrees (max |dlogit| {delta:.3g})"
                         checks.bad[w.request_id].append(reason)
                         self.monitor.event(w.request_id, "shadow", reason, w.page_table)
+                        self.kv.tiers.invalidate(list(w.page_table))  # which page: unknown
                         del sampled[w.request_id]
                         req.generator.set_state(state)
             outs = self.sched.commit(batch, sampled, discard=checks.bad)

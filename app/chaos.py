@@ -1,0 +1,170 @@
+"""`kvscope chaos`: many concurrent requests under KV pressure with injected faults.
+
+For each fault kind: one clean run (protections on, nothing injected) gives every request's
+reference output; the injected run is compared with it token by token. Reported per kind:
+injected, changed (the fault altered bytes a request reads), detected, recovered, prevented,
+corrupt_tokens_emitted, false_positives (violations flagged in the clean run), clean_tokens and
+overhead_pct (decode time with the default checks vs with checks off, same prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from runtime.engine import Engine, EngineConfig
+from runtime.integrity.config import FAULT_KINDS, IntegrityConfig, parse_inject
+
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely. "
+TOPICS = [
+    "What does the sort method do?",
+    "Explain what a dictionary is.",
+    "How do I open a file?",
+    "What is an exception?",
+    "Describe the list type.",
+    "What does the print function return?",
+    "How are strings compared?",
+    "What is a module?",
+]
+
+
+def add_chaos_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", type=int, default=64, help="concurrent requests per run")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--bypass-drain", action="store_true", help="late writers skip safe reclaim")
+    p.set_defaults(page_size=16, max_running=8)  # small pages: prefixes churn through tiers
+
+
+def _prompts(engine: Engine, n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if engine.tokenizer is not None:
+            variant = i % 6  # six long system prompts: more prefix pages than L1 holds
+            msg = [{"role": "system", "content": f"{variant}. " + SYSTEM * (2 + variant)}]
+            msg.append({"role": "user", "content": rng.choice(TOPICS)})
+            out.append(engine.encode_prompt(messages=msg))
+        else:
+            vocab = engine.model_config.vocab_size
+            shared = [(7 * k) % (vocab - 2) + 2 for k in range(24 * (1 + i % 3))]
+            out.append(shared + [rng.randrange(2, vocab) for _ in range(rng.randint(1, 8))])
+    return out
+
+
+def _run(model: str, base: EngineConfig, prompts, max_new: int) -> tuple[Engine, dict, float]:
+    e = Engine(model, base)
+    ids = [e.submit(prompt_ids=p, max_new_tokens=max_new, ignore_eos=True) for p in prompts]
+    t0 = time.perf_counter()
+    e.run_until_done()
+    e.close()
+    return e, {i: e.request(i) for i in ids}, time.perf_counter() - t0
+
+
+def pressure_config(probe: Engine, args, prompts, kv_dir: str) -> EngineConfig:
+    """L1 holds about half of what the running requests need; L2 a few requests' worth."""
+    bpp = probe.pool.bytes_per_page
+    longest = max(len(p) for p in prompts) + args.max_new_tokens
+    per_req = -(-longest // args.page_size)
+    return EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        page_size=args.page_size,
+        kv_mem=max(per_req + 2, args.max_running * per_req // 2) * bpp,  # far below the need
+        kv_host_mem=2 * per_req * bpp,
+        kv_disk=kv_dir,
+        max_running=args.max_running,
+    )
+
+
+def chaos_report(args) -> dict:
+    kinds = parse_inject(args.inject) if args.inject else {k: 0.0 for k in FAULT_KINDS}
+    kinds = {k: (r or parse_inject([k])[k]) for k, r in kinds.items()}
+    report = {"model": args.model, "requests": args.requests, "unsafe": args.unsafe, "kinds": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Engine(args.model, EngineConfig(device=args.device, page_size=args.page_size))
+        prompts = _prompts(probe, args.requests, args.seed)
+        base = pressure_config(probe, args, prompts, str(Path(tmp) / "clean"))
+        off = replace(base, unsafe=True)
+        times = {"on": [], "off": []}
+        for i in range(3):  # interleaved, fresh L3 each time; the first pair is a warm-up
+            for mode, cfg in (("off", off), ("on", base)):
+                cfg = replace(cfg, kv_disk=str(Path(tmp) / f"{mode}{i}"))
+                e, res, dt = _run(args.model, cfg, prompts, args.max_new_tokens)
+                times[mode].append(dt)
+                if mode == "on":
+                    clean = res
+        t_on, t_off = min(times["on"][1:]), min(times["off"][1:])
+        ref = {tuple(r.prompt_ids): r.output_ids for r in clean.values()}
+        false_pos = sum(len(r.violations) for r in clean.values())
+        report["clean"] = {
+            "tokens": sum(len(r.output_ids) for r in clean.values()),
+            "false_positives": false_pos,
+            "overhead_pct": round(100 * (t_on - t_off) / t_off, 1) if t_off > 0 else None,
+        }
+        for kind, rate in kinds.items():
+            ic = IntegrityConfig(faults={kind: rate}, bypass_drain=args.bypass_drain)
+            cfg = replace(base, kv_disk=str(Path(tmp) / kind), integrity=ic, unsafe=args.unsafe)
+            e, res, _ = _run(args.model, cfg, prompts, args.max_new_tokens)
+            report["kinds"][kind] = _kind_report(e, kind, res, ref, false_pos)
+    report["overhead_pct"] = report["clean"]["overhead_pct"]
+    return report
+
+
+def _kind_report(e: Engine, kind: str, res: dict, ref: dict, false_pos: int) -> dict:
+    c = dict(e.monitor.faults.counts[kind])
+    corrupt = clean = 0
+    garbled = []
+    for r in res.values():
+        if r.finish_reason != "length":
+            continue  # aborted by the injected timeout: nothing to compare
+        want = ref[tuple(r.prompt_ids)]
+        bad = sum(a != b for a, b in zip(r.output_ids, want, strict=False))
+        bad += abs(len(r.output_ids) - len(want))
+        corrupt += bad
+        clean += len(r.output_ids) - min(bad, len(r.output_ids))
+        if bad and len(garbled) < 3 and e.tokenizer is not None:
+            garbled.append({"got": r.text, "want": e.tokenizer.decode(want)})
+    if kind == "host-bitflip":
+        c["detected"] = c["recovered"] = e.kv.tiers.load_failures
+    if kind == "disk-corrupt" and e.kv.disk is not None:
+        c["detected"] = c["recovered"] = e.kv.disk.stats["rejected"]
+    return {
+        "injected": c.get("injected", 0),
+        "changed": c.get("changed", c.get("detected", 0)),
+        "detected": c.get("detected", 0),
+        "recovered": c.get("recovered", 0),
+        "prevented": c.get("prevented", 0),
+        "corrupt_tokens_emitted": corrupt,
+        "false_positives": false_pos,
+        "clean_tokens": clean,
+        "garbled_examples": garbled,
+    }
+
+
+def print_report(rep: dict) -> None:
+    cols = ["injected", "changed", "detected", "recovered", "prevented"]
+    cols += ["corrupt_tokens_emitted", "false_positives", "clean_tokens"]
+    mode = "UNSAFE (protections off)" if rep["unsafe"] else "protections on"
+    print(f"kvscope chaos: {rep['requests']} requests, {mode}")
+    print(f"{'kind':<14}" + "".join(f"{c[:14]:>15}" for c in cols))
+    for kind, row in rep["kinds"].items():
+        print(f"{kind:<14}" + "".join(f"{row[c]:>15}" for c in cols))
+    print(f"overhead of the default checks on decode: {rep['overhead_pct']} %")
+    for kind, row in rep["kinds"].items():
+        for ex in row["garbled_examples"][:1]:
+            print(f"[{kind}] garbled: {ex['got']!r}\n{'':>{len(kind) + 3}}clean:   {ex['want']!r}")
+
+
+def cmd_chaos(args) -> int:
+    rep = chaos_report(args)
+    print_report(rep)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+    return 0
