@@ -70,18 +70,22 @@ class Sim:
         preempt: str = "recompute",
         unsafe: bool = False,
         fingerprint: str = "sim-model-v1",
+        device: str = "cpu",
     ) -> None:
         self.L, self.P = num_layers, page_size
         self.clock = Clock()
         self.planes = {
-            name: torch.zeros(num_layers, l1_slots, page_size, *tail)
+            name: torch.zeros(num_layers, l1_slots, page_size, *tail, device=device)
             for name, tail in PLANES.items()
         }
+        self.device = torch.device(device)
         specs = plane_specs(self.planes)
         self.alloc = PageAllocator(l1_slots, page_size, unsafe=unsafe)
         self.tree = RadixTree(page_size)
-        self.copier = CopyEngine(num_layers, threaded=threaded, hooks=hooks)
-        self.host = HostPool(specs, num_layers, l2_slots, page_size) if l2_slots else None
+        self.copier = CopyEngine(num_layers, device, threaded=threaded, hooks=hooks)
+        self.host = None
+        if l2_slots:
+            self.host = HostPool(specs, num_layers, l2_slots, page_size, pin=device != "cpu")
         self.disk = None
         if disk_dir is not None:
             budget = disk_pages * (self.host.bytes_per_page + 1024)
@@ -133,8 +137,8 @@ class Sim:
                 self.cached[w.request_id] = dict(seq.cached)
             cache = self._hashes.setdefault(w.request_id, [])  # tokens only ever grow
             hashes = torch.tensor(_prefix_hashes(tokens, w.stop, cache)[: w.stop])
-            table = torch.tensor(w.page_table)
-            pos = torch.arange(w.stop)
+            table = torch.tensor(w.page_table, device=self.device)
+            pos = torch.arange(w.stop, device=self.device)
             rows_new = table[pos[w.start :] // P] * P + pos[w.start :] % P
             rows_all = table[pos // P] * P + pos % P
             for slot, epoch in zip(w.page_table, w.epochs, strict=True):
@@ -144,14 +148,14 @@ class Sim:
             for layer in range(self.L):
                 for k, (name, (width,)) in enumerate(PLANES.items()):
                     flat = self.planes[name][layer].view(-1, width)
-                    want = kv_values(hashes, layer, k, width)  # [stop, width]
+                    want = kv_values(hashes, layer, k, width).to(self.device)  # [stop, width]
                     flat.index_copy_(0, rows_new, want[w.start :])
                 if seq is None:  # the late write landed; an engine reads nothing for it
                     continue
                 self.tiers.wait_layer(w.page_table, layer)  # the accessor waits on the fence
                 for k, (name, (width,)) in enumerate(PLANES.items()):
                     got = self.planes[name][layer].view(-1, width).index_select(0, rows_all)
-                    want = kv_values(hashes, layer, k, width)
+                    want = kv_values(hashes, layer, k, width).to(self.device)
                     if not torch.equal(got, want):
                         bad.add(w.request_id)
                     total += float(got.double().sum())
@@ -171,7 +175,7 @@ class Sim:
         self._record(outs)
         return outs
 
-    def run_until_idle(self, max_steps: int = 5000) -> None:
+    def run_until_idle(self, max_steps: int = 1500) -> None:
         for _ in range(max_steps):
             if not self.sched.has_work():
                 break

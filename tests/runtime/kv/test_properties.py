@@ -154,7 +154,7 @@ class KVMachine(RuleBasedStateMachine):
                 f.write(raw)
 
     @invariant()
-    def invariants(self):
+    def check_all(self):
         if self.sim is not None:
             self.sim.sched.check_invariants()
             assert self.sim.corrupt_emitted == 0 and self.sim.epoch_violations == 0

@@ -186,3 +186,31 @@ def test_submit_validation(sim_cls):
         sim.sched.submit("b", [], 1)
     with pytest.raises(ValueError):
         sim.sched.submit("c", list(range(1, 8)), 2)  # 9 tokens > 4 pages of 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_tiers_on_cuda(sim_cls, tmp_path, policy):  # pragma: no cover - GPU only
+    """L1 on the GPU, pinned L2, copy stream + events, Triton checksums: same exact outputs."""
+    sim = sim_cls(
+        page_size=4,
+        l1_slots=10,
+        l2_slots=8,
+        disk_dir=tmp_path,
+        policy=policy,
+        threaded=True,
+        device="cuda",
+    )
+    for i, p in enumerate(prompts(2, 16)):
+        sim.submit(f"r{i}", p, 6)
+    sim.run_until_idle()
+    sim.tiers.evict_l1(10)
+    sim.tiers.drain()
+    for i, p in enumerate(prompts(2, 6)):
+        sim.submit(f"again{i}", p, 6)
+    sim.run_until_idle()
+    assert sim.check_completed() >= 20
+    assert sim.tree.hits["L2"] + sim.tree.hits["L3"] > 0
+    sim.check_quiescent()
+    sim.close()

@@ -5,6 +5,7 @@ gets alone on an idle engine; at the end no page leaked and every refcount is ze
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -46,7 +47,7 @@ def test_concurrent_churn(sim_cls, tmp_path, policy):
     todo = []
     for i in range(72):
         prompt = prefixes[i % 6] + [rng.randrange(1, 50) for _ in range(rng.randrange(0, 8))]
-        timeout = rng.choice([None, None, None, 2.0, 6.0])
+        timeout = rng.choice([None, None, None, 0.5, 4.0])
         todo.append((f"r{i}", prompt, rng.randrange(1, 12), timeout))
     steps = 0
     t0 = time.monotonic()
@@ -73,7 +74,9 @@ def test_concurrent_churn(sim_cls, tmp_path, policy):
     sim.check_quiescent()
     stats = sim.tiers.stats()
     reasons = list(sim.reasons.values())
-    assert len(reasons) == 72 and completed >= 32
+    if os.environ.get("KV_STRESS_VERBOSE"):
+        print(policy, completed, stats, {r: reasons.count(r) for r in set(reasons)})
+    assert len(reasons) == 72 and completed >= 24
     assert reasons.count("abort") > 0 and reasons.count("timeout") > 0
     assert stats.evictions > 50 and stats.hits["L1"] > 0
     assert stats.hits["L2"] + stats.hits["L3"] > 0, stats
