@@ -92,7 +92,8 @@ def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=Non
             summary["tokens"] += rec["usage"]["completion_tokens"]
             for t, n in rec["usage"]["cached_tokens"].items():
                 summary["cached"][t] += n
-            summary["corrupt"] += rec["integrity"]["verdict"] == "corrupt"
+            found = rec["integrity"]["verdict"] == "corrupt" or rec["integrity"]["violations"]
+            summary["corrupt"] += bool(found)  # corruption found (even if recovered)
         if progress is not None:
             if "error" in rec:
                 progress.request_failed()

@@ -229,6 +229,12 @@ class Engine:
                     self._active[rid].violations.append("recovered: " + "; ".join(reasons))
                     self.monitor.event(rid, "recovery", "step discarded and recomputed")
                     self.monitor.faults.note_recovered(reasons)
+            for rid, slot in self.sched.rolled_back:  # a tier copy failed its checksum
+                if rid in self._active:
+                    reason = f"page {slot} loaded from L2/L3 failed its checksum"
+                    self._active[rid].violations.append("recovered: " + reason)
+                    self.monitor.event(rid, "checksum", reason, [slot])
+            self.sched.rolled_back.clear()
             for out in outs:
                 req = self._active.get(out.request_id)
                 if req is not None:

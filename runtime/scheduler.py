@@ -116,6 +116,7 @@ class Scheduler:
         self._steps = itertools.count(1)
         self._orders = itertools.count(1)
         self.preemptions = 0
+        self.rolled_back: list[tuple[str, int]] = []  # (request, slot) since the engine looked
 
     # ---- requests -----------------------------------------------------------------------------
     def submit(
@@ -330,6 +331,7 @@ class Scheduler:
             if seq is None or seq.status != "running":
                 continue
             first = min(i for i, s in enumerate(seq.pages) if s in bad_slots)
+            self.rolled_back += [(rid, s) for s in seq.pages if s in bad_slots]
             keep = [s for s in seq.pages[first:] if s not in bad_slots]
             self.tiers.unref(rid, keep)
             seq.pages = seq.pages[:first]

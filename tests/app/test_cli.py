@@ -141,3 +141,24 @@ def test_make_tiny_and_subprocess_has_no_traceback(tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model_type 'mixtral' is not supported" in r.stderr
+
+
+def test_strict_exits_3_when_corruption_was_found(tmp_path, capsys, tiny_dsa):
+    shared = [3 + (k * 7) % 150 for k in range(40)]  # 5 pages, evicted to L2 in between
+    lines = []
+    for i in range(12):
+        ids = shared + [i] if i % 2 == 0 else [100 + (i * 31 + k) % 90 for k in range(40)]
+        lines.append(json.dumps({"id": f"r{i}", "prompt_ids": ids}))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    common = ["batch", "--model", tiny_dsa, "--input", inp, "--output", out, "--quiet"]
+    common += ["--page-size", "8", "--max-new-tokens", "6", "--max-running", "1"]
+    common += ["--kv-mem", "50K", "--kv-host-mem", "50K"]  # 8 pages each
+    code, _ = _run(capsys, *common, "--strict")
+    assert code == 0  # a clean run finds nothing
+    clean = [json.loads(x)["token_ids"] for x in out.read_text().splitlines()]
+    code, _ = _run(capsys, *common, "--strict", "--inject", "host-bitflip:1.0")
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["token_ids"] for r in recs] == clean  # flipped copies were never served
+    found = [r for r in recs if r["integrity"]["violations"]]
+    assert found and code == 3
