@@ -39,6 +39,11 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--bypass-drain", action="store_true", help="late writers skip safe reclaim")
+    p.add_argument(
+        "--clean-only",
+        action="store_true",
+        help="only the clean run with the default checks: count false positives",
+    )
     p.set_defaults(page_size=16, max_running=8)  # small pages: prefixes churn through tiers
 
 
@@ -162,7 +167,34 @@ def print_report(rep: dict) -> None:
             print(f"[{kind}] garbled: {ex['got']!r}\n{'':>{len(kind) + 3}}clean:   {ex['want']!r}")
 
 
+def clean_report(args) -> dict:
+    """Clean run only (default sampling rates, nothing injected): false positives over the
+    tokens produced, and which checks ran how often."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Engine(args.model, EngineConfig(device=args.device, page_size=args.page_size))
+        prompts = _prompts(probe, args.requests, args.seed)
+        base = pressure_config(probe, args, prompts, str(Path(tmp) / "clean"))
+        e, res, dt = _run(args.model, base, prompts, args.max_new_tokens)
+    events = [ev.kind for ev in e.monitor.events]
+    return {
+        "model": args.model,
+        "requests": args.requests,
+        "clean_tokens": sum(len(r.output_ids) for r in res.values()),
+        "checked_tokens": sum(r.checked_tokens for r in res.values()),
+        "false_positives": sum(len(r.violations) for r in res.values()),
+        "suspect_tokens_requests": sum(r.verdict != "ok" for r in res.values()),
+        "events": {k: events.count(k) for k in set(events)},
+        "seconds": round(dt, 1),
+    }
+
+
 def cmd_chaos(args) -> int:
+    if args.clean_only:
+        rep = clean_report(args)
+        print(json.dumps(rep, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+        return 0
     rep = chaos_report(args)
     print_report(rep)
     if args.json:
