@@ -192,36 +192,16 @@ class Engine:
             for rid in batch.preempted:
                 if rid in self._active:
                     self._active[rid].status = "waiting"
-            if not batch.seqs:
+            if not batch.seqs:  # waiting on transfers (L3 prefetch, drains): let them progress
                 if self.kv.tiers.transfers_in_flight:
                     self.kv.tiers.wait_progress(0.01)
-                    self.sched.commit(batch, {})
-                else:
-                    self.sched.commit(batch, {})
+                self.sched.commit(batch, {})
                 return events
             t0 = time.perf_counter()
             checks = self.monitor.before_forward(batch)
             logits = self.model.forward(self._build_batch(batch.seqs), self.pool)
             self.monitor.after_forward(batch, checks)
-            sampled, shadows = {}, {}
-            for i, w in enumerate(batch.seqs):
-                req = self._active[w.request_id]
-                req.status = "decode" if w.sample else "prefill"
-                if not w.sample or w.request_id in checks.bad:
-                    continue
-                state = req.generator.get_state()
-                sampled[w.request_id] = sample(logits[i], req.params, req.generator)
-                if self.monitor.shadow_due():
-                    ctx = req.tokens[: w.stop]
-                    top1, delta = self.monitor.shadow(ctx, logits[i])
-                    shadows[w.request_id] = (top1, delta)
-                    if not top1 or delta > self.monitor.shadow_tolerance():
-                        reason = f"shadow recompute disagrees (max |dlogit| {delta:.3g})"
-                        checks.bad[w.request_id].append(reason)
-                        self.monitor.event(w.request_id, "shadow", reason, w.page_table)
-                        self.kv.tiers.invalidate(list(w.page_table))  # which page: unknown
-                        del sampled[w.request_id]
-                        req.generator.set_state(state)
+            sampled, shadows = self._sample(batch, logits, checks)
             outs = self.sched.commit(batch, sampled, discard=checks.bad)
             victim = self.monitor.faults.maybe_hold_back(self, batch)
             for rid, reasons in checks.bad.items():  # recovered: recomputed, never emitted
@@ -258,6 +238,30 @@ class Engine:
             else:
                 self._prefill_rate = rate
             return events
+
+    def _sample(self, batch, logits, checks) -> tuple[dict[str, int], dict]:
+        """Sample every finished sequence whose reads passed validation; on a sample of tokens
+        recompute the logits without the cache and discard the step if they disagree."""
+        sampled, shadows = {}, {}
+        for i, w in enumerate(batch.seqs):
+            req = self._active[w.request_id]
+            req.status = "decode" if w.sample else "prefill"
+            if not w.sample or w.request_id in checks.bad:
+                continue
+            state = req.generator.get_state()
+            sampled[w.request_id] = sample(logits[i], req.params, req.generator)
+            if not self.monitor.shadow_due():
+                continue
+            top1, delta = self.monitor.shadow(req.tokens[: w.stop], logits[i])
+            shadows[w.request_id] = (top1, delta)
+            if not top1 or delta > self.monitor.shadow_tolerance():
+                reason = f"shadow recompute disagrees (max |dlogit| {delta:.3g})"
+                checks.bad[w.request_id].append(reason)
+                self.monitor.event(w.request_id, "shadow", reason, w.page_table)
+                self.kv.tiers.invalidate(list(w.page_table))  # which page is bad: unknown
+                del sampled[w.request_id]
+                req.generator.set_state(state)  # the regenerated token draws the same sample
+        return sampled, shadows
 
     def _build_batch(self, seqs) -> ForwardBatch:
         ids, pos, rows, chunks, off = [], [], [], [], 0

@@ -14,8 +14,8 @@ DEFAULT_RATES = {"abort-reuse": 0.05, "skip-fence": 0.5, "host-bitflip": 0.05, "
 class IntegrityConfig:
     protections: bool = True  # False = --unsafe: no drain, no fence waits, no checksums
     bypass_drain: bool = False  # injection aid: reuse pages at once, but keep detection on
-    checksum_sample: float = 0.05  # share of steps that re-verify one full page a batch reads
-    shadow_rate: float = 0.01  # share of tokens recomputed without the cache
+    checksum_sample: float = 0.02  # share of steps that re-verify one full page a batch reads
+    shadow_rate: float = 0.005  # share of tokens recomputed without the cache
     shadow_tol: float = 1e-3  # max |delta logit| (fp32); bf16/fp16 use 5e-2
     faults: dict[str, float] = field(default_factory=dict)  # kind -> rate
     seed: int = 0
