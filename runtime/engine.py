@@ -92,6 +92,7 @@ class Engine:
         self._decode_rate = 0.0
         self._prefill_rate = 0.0
         self._last_snapshot = None
+        self._idle_steps = 0
 
     # ---------------------------------------------------------------- requests
     def encode_prompt(self, prompt=None, messages=None, prompt_ids=None) -> list[int]:
@@ -196,7 +197,9 @@ class Engine:
                 if self.kv.tiers.transfers_in_flight:
                     self.kv.tiers.wait_progress(0.01)
                 self.sched.commit(batch, {})
-                return events
+                self.monitor.idle_step()  # delayed writers still land (and ack) on idle steps
+                return events + self._check_stall(batch)
+            self._idle_steps = 0
             t0 = time.perf_counter()
             checks = self.monitor.before_forward(batch)
             logits = self.model.forward(self._build_batch(batch.seqs), self.pool)
@@ -238,6 +241,21 @@ class Engine:
             else:
                 self._prefill_rate = rate
             return events
+
+    def _check_stall(self, batch) -> list[TokenEvent]:
+        """Never spin forever: if nothing can run, nothing is in flight and nothing will land,
+        the waiting requests cannot be served; end them with an error record."""
+        busy = self.kv.tiers.transfers_in_flight or self.monitor.faults.late or batch.ended
+        self._idle_steps = 0 if busy or not self._active else self._idle_steps + 1
+        if self._idle_steps < 1000:
+            return []
+        self._idle_steps = 0
+        events = []
+        for rid, req in list(self._active.items()):
+            self.sched.abort(rid, "error")
+            req.violations.append("stalled: no KV pages could be freed for this request")
+            events.append(self._finish(req, "error", status="error"))
+        return events
 
     def _sample(self, batch, logits, checks) -> tuple[dict[str, int], dict]:
         """Sample every finished sequence whose reads passed validation; on a sample of tokens

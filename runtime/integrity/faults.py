@@ -61,6 +61,9 @@ class FaultInjector:
 
         return CopyHooks(before_step=lambda t, layer: time.sleep(COPY_DELAY_S))
 
+    def tick(self) -> None:
+        self._step += 1
+
     def take_corrupted_slots(self) -> set[int]:
         out, self._corrupted = self._corrupted, set()
         return out

@@ -108,6 +108,11 @@ class IntegrityMonitor:
         if checks.bad_slots:
             self.engine.kv.tiers.invalidate(sorted(checks.bad_slots))
 
+    def idle_step(self) -> None:
+        """A step that computed nothing still advances time for delayed writers."""
+        self.faults.tick()
+        self.faults.land_late_writes(StepChecks(defaultdict(list), {}, {}, set()))
+
     def land_all_late_writes(self) -> None:
         """Shutdown: every held-back write lands now (and acks), so no writer stays in flight."""
         self.faults.flush_late_writes()
