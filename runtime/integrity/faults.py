@@ -79,6 +79,7 @@ class FaultInjector:
     def note_skip_fence(self, changed: bool) -> None:
         if changed:
             self.counts["skip-fence"]["changed"] += 1
+            self.monitor.event("-", "inject", "skip-fence: read while the load-back was in flight")
 
     def note_recovered(self, reasons: list[str]) -> None:
         text = " ".join(reasons)
@@ -128,6 +129,7 @@ class FaultInjector:
             LateWrite(writer, self._step + 2, [slot], rows, values, w.request_id, epoch, register)
         )
         self.counts["abort-reuse"]["injected"] += 1
+        self.monitor.event(w.request_id, "inject", f"abort-reuse: writer into page {slot} delayed")
         return w.request_id
 
     def land_late_writes(self, checks) -> None:
@@ -184,6 +186,7 @@ class FaultInjector:
                 i = self.rng.randrange(raw.numel())
                 raw[i] ^= 1 << self.rng.randrange(8)
                 self.counts["host-bitflip"]["injected"] += 1
+                self.monitor.event("-", "inject", f"host-bitflip: L2 slot {hs} plane {name}")
         if self.rate("disk-corrupt") and kv.disk is not None:
             files = [p for p in kv.disk.root.rglob("*") if p.is_file() and p.stat().st_size > 64]
             if files and self.rng.random() < self.rate("disk-corrupt"):
@@ -195,6 +198,7 @@ class FaultInjector:
                     data[self.rng.randrange(len(data))] ^= 0xFF
                 path.write_bytes(bytes(data))
                 self.counts["disk-corrupt"]["injected"] += 1
+                self.monitor.event("-", "inject", f"disk-corrupt: {path.name}")
 
     def report(self) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.counts.items() if v}
