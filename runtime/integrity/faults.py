@@ -152,6 +152,8 @@ class FaultInjector:
             victims = {o for s in reused for o in engine.kv.alloc.records[s].owners}
             if not reused:
                 c["prevented"] += 1  # safe reclaim kept the pages until this writer acked
+                detail = f"safe reclaim: page {lw.slots} drained until the delayed writer acked"
+                self.monitor.event(lw.victim, "recovery", detail, lw.slots)
                 continue
             c["changed"] += bool(victims)
             if not self.cfg.protections:
