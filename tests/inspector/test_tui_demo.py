@@ -1,7 +1,7 @@
 """The TUI on the real engine and the shipped demo model (not the FakeEngine).
 
-The snapshot freezes only the wall-clock numbers (elapsed time, tok/s, TTFT) through a thin
-wrapper; every page, tier, owner, epoch, checksum and token comes from the real engine.
+The snapshot freezes only the wall-clock numbers (elapsed time, tok/s, TTFT) and the checkout
+path through a thin wrapper; every page, tier, owner, epoch, checksum and token comes from the real engine.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ class FrozenClockEngine:
     def __getattr__(self, name):
         return getattr(self._e, name)
 
+    def model_info(self) -> dict[str, str]:
+        return {**self._e.model_info(), "model": "assets/demo"}  # independent of the checkout
+
     def snapshot(self):
-        s = self._e.snapshot()
+        s = replace(self._e.snapshot(), model="assets/demo")
         reqs = tuple(replace(r, ttft_s=0.01, tok_per_s=100.0) for r in s.requests)
         return replace(
             s, time_s=1.0, decode_tok_per_s=100.0, prefill_tok_per_s=1000.0, requests=reqs
