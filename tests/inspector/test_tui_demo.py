@@ -1,7 +1,8 @@
 """The TUI on the real engine and the shipped demo model (not the FakeEngine).
 
 The snapshot freezes only the wall-clock numbers (elapsed time, tok/s, TTFT) and the checkout
-path through a thin wrapper; every page, tier, owner, epoch, checksum and token comes from the real engine.
+path through a thin wrapper; every page, tier, owner, epoch, checksum and token comes from the
+real engine.
 """
 
 from __future__ import annotations
