@@ -17,24 +17,23 @@ from pathlib import Path
 import torch
 
 from runtime.engine import Engine, EngineConfig
-from runtime.kv.pool import token_rows
+from runtime.kv.pool import KVPool, token_rows
 from runtime.models.batch import ForwardBatch, SeqChunk
 
 
 def sequence_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Logits [n, V] (fp32) at every position of ``ids``, one prefill from position 0 (uses the
-    engine's free pages; call between requests)."""
-    ps = engine.config.page_size
-    pages = [engine._free[i] for i in range(-(-len(ids) // ps))]
-    rows = token_rows(pages, 0, len(ids), ps).to(engine.device)
-    dev = engine.device
+    """Logits [n, V] (fp32) at every position of ``ids``, one prefill from position 0 in a
+    scratch page pool (the engine's own KV pages are never touched)."""
+    ps, dev, cfg = engine.config.page_size, engine.device, engine.model_config
+    pool = KVPool(cfg.num_layers, -(-len(ids) // ps), ps, cfg.plane_widths(), engine.dtype, dev)
+    rows = token_rows(list(range(pool.num_slots)), 0, len(ids), ps).to(dev)
     batch = ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
         positions=torch.arange(len(ids), device=dev),
         new_rows=rows,
         seqs=[SeqChunk(0, len(ids), 0, rows, "quant-eval")],
     )
-    return engine.model.forward(batch, engine.pool, all_logits=True).float().cpu()
+    return engine.model.forward(batch, pool, all_logits=True).float().cpu()
 
 
 def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict[str, float]:
