@@ -9,6 +9,7 @@ layer shapes on CUDA (bf16) and the demo model's shapes on CPU (fp32).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,31 +20,14 @@ from runtime.weights.tiny import write_tiny
 
 HAS_CUDA = torch.cuda.is_available()
 
-# The demo model's shape (assets/build_demo.py), random weights: the CPU engine benchmarks.
-DEMO_SHAPE = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=768,
-    moe_intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    q_lora_rank=128,
-    kv_lora_rank=64,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    index_topk=32,
-    index_n_heads=8,
-    index_head_dim=32,
-    indexer_types=["full", "shared", "full", "shared"],
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_shared_experts=1,
-    n_group=2,
-    topk_group=1,
-    max_position_embeddings=2048,
-)
+# The demo model's shape (read from the shipped assets/demo/config.json), random weights:
+# the CPU engine benchmarks.
+_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "assets" / "demo" / "config.json"
+DEMO_SHAPE = {
+    k: v
+    for k, v in json.loads(_DEMO_CONFIG.read_text()).items()
+    if k not in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype")
+}
 
 
 def pytest_collection_modifyitems(config, items):
