@@ -223,7 +223,7 @@ class TierController(TierMoves):
                 rec.tiers = {"L1"}
             host_slot = self.host.slots[node.l2] if node.l2 is not None and self.host else None
             if host_slot is not None and host_slot.state == "READY" and not host_slot.busy:
-                self._drop_l2_keep(node)
+                self._drop_l2(node, prune=False)  # pruned once, at the end
             if node.l3 is not None and self.disk is not None:
                 self.disk.delete(node.hash)
                 self.tree.set_l3(node, False)
@@ -231,13 +231,6 @@ class TierController(TierMoves):
         for node in reversed(visited):  # leaves first
             self.tree.prune(node)
         return dropped
-
-    def _drop_l2_keep(self, node) -> None:
-        """Free a node's L2 copy without pruning (invalidate prunes once at the end)."""
-        hs = node.l2
-        self.tree.set_l2(node, None)
-        self.host.free(hs)
-        self._from_l3.discard(hs)
 
     def fence_done(self, slot: int, layer: int) -> bool:
         """Non-blocking: has `layer` of any load into `slot` landed (True when none)?"""

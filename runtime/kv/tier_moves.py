@@ -161,13 +161,14 @@ class TierMoves:
             self._drop_l2(node)
             freed += 1
 
-    def _drop_l2(self, node: RadixNode) -> None:
+    def _drop_l2(self, node: RadixNode, prune: bool = True) -> None:
         hs = node.l2
         self.tree.set_l2(node, None)
         self.host.free(hs)
         self._from_l3.discard(hs)
         self._sync(node)
-        self.tree.prune(node)
+        if prune:
+            self.tree.prune(node)
 
     # ---- transfers --------------------------------------------------------------------------
     def _backup(self, nodes: list[RadixNode], evict_after: bool = False) -> list[RadixNode]:
