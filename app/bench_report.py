@@ -37,6 +37,18 @@ def report(res: dict) -> str:
             "note: kvscope runs with --expert-cache / --quant; transformers runs with every weight "
             "resident and unquantized (its accelerate-offload and bitsandbytes peers are not wired)"
         )
+    graph = s.get("kvscope_cpu_graph")
+    if graph:
+        buckets = ", ".join(f"b{b}x{c}" for b, c in graph["buckets"]) or "none"
+        lines.append(
+            "kvscope decode: "
+            + (
+                f"compiled CPU graphs (batch x context buckets {buckets}; "
+                f"compiled in {graph['compile_s']:.0f} s before timing)"
+                if graph["enabled"]
+                else f"eager (CPU graph compile failed: {graph['failed']})"
+            )
+        )
     lines += ["", format_table(res["figures"]), ""]
     lines.append(
         "ratio > 1: kvscope better (rates: kvscope / transformers; times, memory: inverse)"

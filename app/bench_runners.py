@@ -86,6 +86,8 @@ class KvscopeRunner:
     def run(self, prompts: list[list[int]], n: int) -> RunResult:
         eng = self.engine
         hits0, miss0 = self._expert_counts()
+        graph = eng.cpu_graph
+        eager0 = graph.steps_eager if graph is not None else 0
         t0 = time.perf_counter()
         reqs = [
             eng.request(eng.submit(prompt_ids=p, max_new_tokens=n, ignore_eos=True))
@@ -107,6 +109,8 @@ class KvscopeRunner:
                 t: sum(r.cached_tokens.get(t, 0) for r in reqs) for t in ("L1", "L2", "L3")
             }
         }
+        if graph is not None:  # decode steps that ran eagerly while their bucket compiled
+            extra["decode_steps_eager"] = graph.steps_eager - eager0
         if self.expert_cache is not None:
             hits, miss = self._expert_counts()
             hits, miss = hits - hits0, miss - miss0

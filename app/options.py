@@ -51,6 +51,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inject", action="append", default=[], help="fault KIND[:RATE]")
     g.add_argument("--unsafe", action="store_true", help="turn KV protections off (demo only)")
     g.add_argument("--max-running", type=int, default=16, help="requests decoded together")
+    g.add_argument(
+        "--cpu-graph",
+        default="auto",
+        choices=["auto", "off"],
+        help="CPU decode steps through compiled graphs (auto: compiled in the background)",
+    )
     g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
 
 
@@ -89,6 +95,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         else 4 << 30,
         write_policy=args.write_policy,
         unsafe=args.unsafe,
+        cpu_graph=getattr(args, "cpu_graph", "auto"),
         integrity=IntegrityConfig(
             faults=parse_inject(args.inject), bypass_drain=getattr(args, "bypass_drain", False)
         ),

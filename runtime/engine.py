@@ -84,6 +84,7 @@ class Engine:
         )
         self.pool, self.sched = self.kv.pool, self.kv.sched
         self.monitor.attach(self)
+        self.cpu_graph = self._cpu_graph(c)
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
         self._active: dict[str, Request] = {}  # submitted, not finished
@@ -202,7 +203,7 @@ class Engine:
             self._idle_steps = 0
             t0 = time.perf_counter()
             checks = self.monitor.before_forward(batch)
-            logits = self.model.forward(self._build_batch(batch.seqs), self.pool)
+            logits = self._forward(self._build_batch(batch.seqs))
             self.monitor.after_forward(batch, checks)
             sampled, shadows = self._sample(batch, logits, checks)
             outs = self.sched.commit(batch, sampled, discard=checks.bad)
@@ -241,6 +242,28 @@ class Engine:
             else:
                 self._prefill_rate = rate
             return events
+
+    def _cpu_graph(self, c: EngineConfig):
+        """The compiled-decode runner on CPU (runtime/models/cpu_graph.py), or None."""
+        from kernels.backend import use_triton
+        from runtime.models.cpu_graph import CpuDecodeGraph, cpu_graph_requested
+
+        if c.cpu_graph not in ("auto", "off"):
+            raise KvscopeError(f"--cpu-graph {c.cpu_graph}: choose auto or off")
+        if self.device.type != "cpu" or use_triton(self.device):
+            return None
+        if not cpu_graph_requested(c.cpu_graph):
+            return None
+        g = CpuDecodeGraph(self.model, self.pool)
+        return g if g.enabled else None
+
+    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """Last-token logits [B, V]: a compiled decode bucket when one is ready, else eager."""
+        if self.cpu_graph is not None:
+            logits = self.cpu_graph.run(fb, self.pool)
+            if logits is not None:
+                return logits
+        return self.model.forward(fb, self.pool)
 
     def _check_stall(self, batch) -> list[TokenEvent]:
         """Never spin forever: if nothing can run, nothing is in flight and nothing will land,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from runtime.weights.tiny import write_tiny
 
 torch.set_num_threads(1)  # 2 shared cores: spin-waiting threads slow tiny models down
+# Engines in tests decode eagerly unless a test turns the compiled CPU decode graph on
+# (tests/runtime/test_cpu_graph.py): a background compile per engine would cost minutes.
+os.environ.setdefault("KVSCOPE_CPU_GRAPH", "0")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ as in the GLM-5 incident reports (odd symbols, repetition, stray characters).
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 
 MAX_PERIOD = 4  # token n-grams of length 1..4
@@ -34,11 +35,21 @@ def _script(ch: str) -> str:
     return name.split(" ")[0]  # e.g. LATIN, CYRILLIC, CJK, HANGUL, ARABIC
 
 
+_ALWAYS = frozenset(
+    {"ascii", "LATIN", "GREEK", "EM", "EN", "LEFT", "RIGHT", "HORIZONTAL", "BULLET"}
+)
+
+
+@functools.lru_cache(maxsize=256)
+def allowed_scripts(prompt: str) -> frozenset[str]:
+    """Scripts a reply to `prompt` may use (computed once per prompt, checked every token)."""
+    return _ALWAYS | {_script(c) for c in set(prompt)}
+
+
 def unexpected_chars(prompt: str, text: str) -> list[str]:
     """Characters of `text` whose script appears neither in the prompt nor in plain ASCII
     (plus Latin and common punctuation). Control characters other than whitespace count."""
-    allowed = {"ascii", "LATIN", "GREEK", "EM", "EN", "LEFT", "RIGHT", "HORIZONTAL", "BULLET"}
-    allowed |= {_script(c) for c in prompt}
+    allowed = allowed_scripts(prompt)
     bad = []
     for ch in text:
         cat = unicodedata.category(ch)

@@ -63,6 +63,32 @@ class GQAAttention:
             out[sl] = torch.einsum("nkgc,ckd->nkgd", probs, vals).reshape(seq.n, h, dh)
         return linear(out.view(t, -1), self.wo)
 
+    # --- decode step as one tensor function (runtime/models/decode_step.py) ---------------------
+
+    def forward_decode(self, x, ctx_rows, planes, is_new, valid, state):
+        """forward() for B single-token sequences over fixed-size gathered contexts, no host
+        sync. x [B, D]; ctx_rows / is_new / valid [B, C]; planes: name -> [rows, Hk, Dh] of this
+        layer. Returns (output [B, D], new rows {"k", "v": [B, Hk, Dh]} to store)."""
+        from runtime.models.decode_step import gather_context
+
+        cfg = self.cfg
+        b, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = linear(x, self.wq, self.bq).view(b, h, dh)
+        k = linear(x, self.wk, self.bk).view(b, hk, dh)
+        v = linear(x, self.wv, self.bv).view(b, hk, dh)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+        cos, sin = state["cos_sin"]
+        q, k = rope_neox_partial(q, cos, sin), rope_neox_partial(k, cos, sin)
+        keys = gather_context(planes["k"], ctx_rows, k, is_new)  # [B, C, Hk, Dh]
+        vals = gather_context(planes["v"], ctx_rows, v, is_new)
+        qs = q.view(b, hk, h // hk, dh)
+        scores = torch.einsum("bkgd,bckd->bkgc", qs, keys).float() * dh**-0.5  # [B, Hk, G, C]
+        probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+        out = torch.einsum("bkgc,bckd->bkgd", probs.to(x.dtype), vals).reshape(b, h * dh)
+        return linear(out, self.wo), {"k": k, "v": v}
+
     # --- kernel path (kernels.ops; see runtime/models/kernel_path.py) ---------------------------
 
     def read_planes(self, max_len: int) -> list[str]:

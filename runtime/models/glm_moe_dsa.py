@@ -98,6 +98,62 @@ class MLAAttention:
         out = out.transpose(0, 1).reshape(t, nh * cfg.v_head_dim)
         return linear(out, self.o_proj, self.o_bias)
 
+    # --- decode step as one tensor function (runtime/models/decode_step.py) ---------------------
+
+    def forward_decode(self, x, ctx_rows, planes, is_new, valid, state):
+        """forward() for B single-token sequences over fixed-size gathered contexts, no host
+        sync. x [B, D]; ctx_rows / is_new / valid [B, C]; planes: name -> [rows, *tail] of this
+        layer. Returns (output [B, D], new plane rows {name: [B, *tail]} to store)."""
+        from runtime.models.decode_step import gather_context
+
+        cfg = self.cfg
+        b = x.shape[0]
+        nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        cos, sin = state["cos_sin"]
+        q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
+        q = linear(q_resid, self.q_b).view(b, nh, nd + r)
+        q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)
+        ckv = linear(x, self.kv_a, self.kv_a_bias)  # [B, Kl+R]
+        latent = rms_norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
+        new_lat = torch.cat([latent, rope_interleaved(ckv[:, kl:], cos, sin)], dim=-1)
+        rows = {"latent": new_lat}
+        if self.indexer is not None:
+            rows["index_k"], state["sel"] = self._decode_select(
+                x, q_resid, ctx_rows, planes, is_new, valid, state
+            )
+        allowed = valid if state["sel"] is None else state["sel"]  # [B, C]
+        kv = gather_context(planes["latent"], ctx_rows, new_lat, is_new)  # [B, C, Kl+R]
+        q_abs = torch.cat([torch.einsum("bhn,hnk->bhk", q_nope, self.w_uk), q_rope], dim=-1)
+        scores = torch.einsum("bhk,bck->bhc", q_abs, kv).float() * self.scaling  # [B, H, C]
+        scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        o_lat = torch.einsum("bhc,bck->bhk", probs, kv[..., :kl])  # [B, H, Kl]
+        out = torch.einsum("bhk,hvk->bhv", o_lat, self.w_uv).reshape(b, nh * cfg.v_head_dim)
+        return linear(out, self.o_proj, self.o_bias), rows
+
+    def _decode_select(self, x, q_resid, ctx_rows, planes, is_new, valid, state):
+        """The new indexer-key rows [B, Di] and the DSA selection mask [B, C] (top-k of the
+        index scores among causal positions; every causal position while the context fits in
+        index_topk, as _select's None)."""
+        from runtime.models.decode_step import gather_context
+
+        cfg, ix = self.cfg, self.indexer
+        b, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        cos, sin = state["cos_sin"]
+        k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [B, Di]
+        k = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
+        keys = gather_context(planes["index_k"], ctx_rows, k, is_new).float()  # [B, C, Di]
+        q = linear(q_resid, ix.wq_b).view(b, hi, di)
+        q = torch.cat([rope_interleaved(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
+        scale = di**-0.5
+        scores = F.relu(torch.einsum("bhd,bcd->bhc", q.float(), keys) * scale)  # [B, Hi, C]
+        index_scores = torch.einsum("bh,bhc->bc", w, scores).masked_fill(~valid, float("-inf"))
+        top = index_scores.topk(min(cfg.index_topk, valid.shape[1]), dim=-1).indices
+        sel = torch.zeros_like(valid).scatter(1, top, True) & valid
+        fits = (state["positions"] < cfg.index_topk)[:, None]  # context <= index_topk
+        return k, torch.where(fits, valid, sel)
+
     # --- kernel path (kernels.ops; see runtime/models/kernel_path.py) ---------------------------
 
     def read_planes(self, max_len: int) -> list[str]:

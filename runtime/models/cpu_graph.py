@@ -1,0 +1,195 @@
+"""Compiled decode steps on CPU: the CPU counterpart of kernel_path.DecodeGraphs.
+
+On CPU a small model's decode step is bound by per-op dispatch (~640 aten ops of a few
+microseconds each for the demo model, docs/performance.md), not by arithmetic. Here a decode step
+(one new token per sequence, flat row b = sequence b, last-token logits) runs as one
+torch.compile'd function (runtime/models/decode_step.py) with Inductor's C++ wrapper: the
+elementwise work is fused into a few C++ loops and the GEMMs are called directly (the demo's
+step: 4.0 ms of CPU time eager, 0.75 ms compiled).
+
+Shapes are static per bucket (dynamic shapes cost ~60 % more per step in Inductor's CPU code):
+the batch is padded to a BATCH_BUCKETS size (padding rows compute on position 0 and are
+dropped), the context to a power-of-two number of columns >= MIN_COLUMNS (masked). Each
+(batch, columns) bucket is compiled once, in a background thread, the first time a step needs
+it; until it is ready that step runs eagerly, so no request ever waits for the compiler.
+Inductor's on-disk cache makes a later process's compile of the same bucket quick.
+
+Invariants kept as in the eager path:
+- Reads: before the compiled step runs, the pool's read guard (fence waits of loads in flight)
+  and the batch's ``before_read`` hooks run for every (layer, plane) the step reads; the step
+  reads the pool only through its gathers, and nothing writes those pages meanwhile (the engine
+  lock is held; load-back writers only target LOADING pages, whose fences the guard waited for).
+- Writes: the step never writes the pool. The new tokens' plane rows come back and are stored
+  at the tokens' own rows (pages this step is the registered writer of) right after it, before
+  commit acks the write.
+
+Eligible: CPU model with plain weights (``kernel_path.graph_safe``: no quantized or offloaded
+experts), not on the Triton interpreter, every sequence decoding one token, last-token logits.
+Anything else runs the eager forward. EngineConfig.cpu_graph ("auto" | "off") or
+``KVSCOPE_CPU_GRAPH=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from runtime.kv.pool import KVPool
+from runtime.models.batch import ForwardBatch
+from runtime.models.decode_step import decode_step, stored_layers
+from runtime.models.kernel_path import Reads, graph_safe
+
+if TYPE_CHECKING:
+    from runtime.models.base import CausalLM
+
+MIN_COLUMNS = 64  # context columns: the next power of two >= max(end, MIN_COLUMNS)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def cpu_graph_requested(setting: str = "auto") -> bool:
+    """``setting`` is EngineConfig.cpu_graph (auto | off); KVSCOPE_CPU_GRAPH=0 overrides."""
+    return os.environ.get("KVSCOPE_CPU_GRAPH", "1") != "0" and setting != "off"
+
+
+def bucket_of(batch: int, max_end: int) -> tuple[int, int] | None:
+    """(padded batch, context columns) of a decode step, or None when the batch is too large."""
+    bb = next((x for x in BATCH_BUCKETS if x >= batch), None)
+    if bb is None:
+        return None
+    return bb, max(MIN_COLUMNS, 1 << (max_end - 1).bit_length())
+
+
+def _fresh_entry():
+    """A new code object per bucket: each bucket gets its own Dynamo cache (one entry, no
+    recompile limits, no cache shared between the compiling thread and the stepping one)."""
+    ns: dict = {}
+    exec("def decode_entry(step, *args):\n    return step(*args)\n", ns)  # noqa: S102
+    return ns["decode_entry"]
+
+
+class CpuDecodeGraph:
+    """Runs eligible decode steps through torch.compile'd ``decode_step``, one per bucket."""
+
+    def __init__(self, model: CausalLM, pool: KVPool):
+        self.model, self.pool = model, pool
+        self.enabled = model.device.type == "cpu" and graph_safe(model)
+        self.failed: str | None = None
+        self.steps_compiled = 0  # decode steps served by a compiled bucket
+        self.steps_eager = 0  # eligible decode steps that ran eagerly (bucket still compiling)
+        self._stored = stored_layers(model)
+        self._layer_ids = {n: torch.tensor(ls, dtype=torch.long) for n, ls in self._stored.items()}
+        self._planes = {n: t.flatten(1, 2) for n, t in pool.planes.items()}  # [L, rows, *tail]
+        self._ready: dict[tuple[int, int], object] = {}  # bucket -> compiled callable
+        self._queue: list[tuple[int, int]] = []
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+
+    # ---- compilation (background thread) -----------------------------------------------------
+    def _compile(self, bucket: tuple[int, int]):
+        """Compile and run one bucket on a null step (padding everywhere, nothing stored)."""
+        bb, cols = bucket
+        fn = torch.compile(
+            _fresh_entry(), fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
+        )
+        ids = torch.zeros(bb, dtype=torch.long)  # distinct tensors: an aliased pair of inputs
+        pos = torch.zeros(bb, dtype=torch.long)  # would be guarded on and recompile later
+        ctx_rows = torch.zeros((bb, cols), dtype=torch.long)  # made as run() makes its inputs:
+        with torch.inference_mode():  # outside inference mode (a guarded dispatch key)
+            fn(self._step, ids, pos, ctx_rows, self._planes)
+        return fn
+
+    def _step(self, input_ids, positions, ctx_rows, planes):
+        return decode_step(self.model, input_ids, positions, ctx_rows, planes)
+
+    def _work(self) -> None:
+        torch.set_num_threads(1)  # compile beside the stepping thread, not against it
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                bucket = self._queue[0]
+            try:
+                fn = self._compile(bucket)
+            except Exception as exc:  # no C++ compiler, an unsupported op: stay eager
+                with self._cv:
+                    self.enabled, self.failed = False, repr(exc)
+                    self._queue.clear()
+                    self._cv.notify_all()
+                warnings.warn(
+                    f"CPU decode graph unavailable, decode runs eagerly: {exc!r}", stacklevel=2
+                )
+                return
+            with self._cv:
+                self._ready[bucket] = fn
+                self._queue.pop(0)
+                self._cv.notify_all()
+
+    def request(self, bucket: tuple[int, int]) -> None:
+        """Queue a bucket for compilation (no-op if ready or queued)."""
+        with self._cv:
+            if not self.enabled or bucket in self._ready or bucket in self._queue:
+                return
+            self._queue.append(bucket)
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._work, name="kvscope-cpu-graph", daemon=True
+                )
+                self._worker.start()
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every queued bucket is compiled (or compiling failed); True if idle."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._queue, timeout)
+
+    @property
+    def buckets_ready(self) -> list[tuple[int, int]]:
+        return sorted(self._ready)
+
+    # ---- one step ----------------------------------------------------------------------------
+    @staticmethod
+    def fits(batch: ForwardBatch) -> bool:
+        return bool(batch.seqs) and all(
+            s.n == 1 and s.offset == b for b, s in enumerate(batch.seqs)
+        )
+
+    def run(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor | None:
+        """Logits [B, V] of a decode step through its compiled bucket, or None (run eagerly;
+        the bucket is queued for compilation)."""
+        if not self.enabled or pool is not self.pool or not self.fits(batch):
+            return None
+        b = len(batch.seqs)
+        end = max(s.end for s in batch.seqs)
+        bucket = bucket_of(b, end)
+        if bucket is None:
+            return None
+        fn = self._ready.get(bucket)
+        if fn is None:
+            self.request(bucket)
+            self.steps_eager += 1
+            return None
+        bb, cols = bucket
+        ctx_rows = torch.zeros((bb, cols), dtype=torch.long)
+        for i, s in enumerate(batch.seqs):
+            ctx_rows[i, : s.end] = s.ctx_rows
+        ids = torch.zeros(bb, dtype=torch.long)
+        pos = torch.zeros(bb, dtype=torch.long)
+        ids[:b] = batch.input_ids
+        pos[:b] = batch.positions
+        reads = Reads(pool, batch)
+        for li, layer in enumerate(self.model.layers):  # every plane the step reads
+            for plane in layer.attn.read_planes(end):
+                reads(li, plane)
+        with torch.inference_mode():
+            logits, new_rows = fn(self._step, ids, pos, ctx_rows, self._planes)
+        for name, rows in new_rows.items():  # the new tokens' rows, into their own pages
+            pool.store_layers(name, self._layer_ids[name], batch.new_rows, rows[:, :b])
+        self.steps_compiled += 1
+        return logits[:b]
+
+
+__all__ = ["CpuDecodeGraph", "cpu_graph_requested", "bucket_of", "BATCH_BUCKETS", "MIN_COLUMNS"]
