@@ -76,13 +76,15 @@ def test_decode_step_matches_eager_forward(tmp_path, monkeypatch, arch):
         assert graph.wait_idle(60) and graph.buckets_ready == [bucket]
 
         eager_reads, graph_reads = [], []
-        batch.before_read.append(lambda *a: eager_reads.append(a))
+        batch.before_read.append(lambda *a, sink=eager_reads: sink.append(a))
         ref = model.forward(batch, pool)
 
         guards = []
-        twin.read_guard = lambda layer, plane, rows: guards.append((layer, plane, len(rows)))
+        twin.read_guard = lambda layer, plane, rows, sink=guards: sink.append(
+            (layer, plane, len(rows))
+        )
         gbatch = _batch(tokens, first=False)
-        gbatch.before_read.append(lambda *a: graph_reads.append(a))
+        gbatch.before_read.append(lambda *a, sink=graph_reads: sink.append(a))
         got = graph.run(gbatch, twin)
         assert got is not None and got.shape == ref.shape
 
