@@ -67,7 +67,7 @@ def cmd_batch(args) -> int:
         raise KvscopeError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if not Path(args.input).is_file():
         raise KvscopeError(f"--input {args.input}: file not found")
-    if args.layer_split > 1:  # greedy, L1 only: app/layersplit_batch.py
+    if args.layer_split > 1:  # greedy, per-rank tiers: app/layersplit_batch.py
         from app.layersplit_batch import run_layer_split_batch
 
         return run_layer_split_batch(args)

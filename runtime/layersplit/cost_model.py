@@ -80,25 +80,52 @@ def table(ctx=(40_000, 100_000, 200_000), ranks=(4, 8), flops: float = GPU_FLOPS
     return "\n".join(lines)
 
 
-def predict_traffic(cfg: ModelConfig, owners, prompt_lens, max_new: int, elem: int) -> dict:
-    """Exact bytes the implementation moves (sum over ranks) for greedy runs of max_new tokens
-    per prompt without EOS: owner broadcasts, gathers to owners, decode hops."""
-    n = len(owners)
+def predict_traffic(
+    cfg: ModelConfig,
+    owners,
+    prompt_lens,
+    max_new,
+    elem: int,
+    cached=None,
+    max_batch: int = 16,
+) -> dict:
+    """Exact bytes the implementation moves (sum over ranks) for greedy runs of `max_new`
+    tokens (one value or one per prompt) without EOS, aborts or timeouts, `cached` prompt tokens
+    reused per prompt (page aligned, agreed), up to `max_batch` sequences decoded together:
+    owner broadcasts, gathers to owners, decode hops. Mirrors the loop's schedule (loop.py):
+    each step boundary admits waiting prompts (prefill gives their first token), then runs one
+    decode step for every running sequence."""
+    n, count = len(owners), len(prompt_lens)
     own = {li: r for r, ls in enumerate(owners) for li in ls}
+    new = list(max_new) if isinstance(max_new, list | tuple) else [max_new] * count
+    cached = list(cached) if cached is not None else [0] * count
     bsent = gather = hop = hops = 0
-    for length in prompt_lens:
+    for length, start in zip(prompt_lens, cached, strict=True):
         for li in range(cfg.num_layers):
             tb = layer_token_bytes(cfg, li, elem)
-            bsent += length * tb
-            gather += (length - len(range(own[li], length, n))) * tb
-        for step in range(1, max_new):  # decode steps after the prefill's token
-            ctx = length + step
-            msg = cfg.hidden_size * elem
-            if cfg.is_mla and ctx > cfg.index_topk:
-                msg += (1 + cfg.index_topk) * 8
-            changes = sum(own[li] != own[li - 1] for li in range(1, cfg.num_layers))
-            hop += changes * msg
-            hops += changes
+            bsent += length * tb  # the owner broadcasts [0, length), reused prefix included
+            o = own[li]
+            mine = len(range(start + (o - start) % n, length, n))
+            gather += (length - start - mine) * tb
+    changes = sum(own[li] != own[li - 1] for li in range(1, cfg.num_layers))
+    waiting, running = list(range(count)), {}  # prompt -> tokens generated
+    while waiting or running:
+        while waiting and len(running) < max_batch:
+            i = waiting.pop(0)
+            if new[i] > 1:
+                running[i] = 1
+        if not running:
+            continue
+        ctx = [prompt_lens[i] + g for i, g in running.items()]  # context after this step
+        msg = len(ctx) * cfg.hidden_size * elem
+        if cfg.is_mla and max(ctx) > cfg.index_topk:
+            msg += len(ctx) * (1 + cfg.index_topk) * 8
+        hop += changes * msg
+        hops += changes
+        for i in list(running):
+            running[i] += 1
+            if running[i] >= new[i]:
+                del running[i]
     return {
         "bcast_bytes_sent": bsent,
         "bcast_bytes_recv": bsent * (n - 1),
@@ -132,7 +159,8 @@ def validate(n_ranks: int = 3) -> str:
         cfg = load_config(path)
         prompts, new = [list(range(2, 42)), list(range(3, 20))], 6
         res = run_layer_split(path, n_ranks, prompts, new, page_size=16)
-    pred = predict_traffic(cfg, res.layer_owners, [len(p) for p in prompts], new, 4)
+    cached = [c["tokens"] for c in res.cached]
+    pred = predict_traffic(cfg, res.layer_owners, [len(p) for p in prompts], new, 4, cached)
     meas = measured(res)
     lines = [f"tiny glm_moe_dsa, 5 layers, {n_ranks} gloo ranks, owners {res.layer_owners}"]
     lines += ["| quantity | predicted | measured |", "|---|---|---|"]

@@ -54,30 +54,52 @@ def owner_of(owners: list[tuple[int, ...]]) -> dict[int, int]:
     return {li: r for r, ls in enumerate(owners) for li in ls}
 
 
+def contiguous_range(layers: tuple[int, ...]) -> tuple[int, int]:
+    """[first, last + 1) of a contiguous block of layers (the L3 header's layer range)."""
+    if not layers:
+        return (0, 0)
+    if tuple(layers) != tuple(range(layers[0], layers[-1] + 1)):
+        raise ValueError(f"layers {layers} are not contiguous")
+    return (layers[0], layers[-1] + 1)
+
+
 class RankKV:
-    """One rank's L1 store: a KVPool per plane holding only its owned layers that write it
-    (num_layers = that count) and a map global layer -> local index. store/gather take global
-    layer ids, like KVPool's."""
+    """One rank's L1 page pool: one KVPool whose layer axis is the rank's owned layers (local
+    index i = the i-th owned layer) and whose planes are those the owned layers write.
+
+    One layer count for every plane of a page is what the L2 host pool, the L3 file layout and
+    the copy engine's per-layer fences need, so a rank owning both DSA `full` and `shared`
+    layers keeps an (unused) `index_k` row for its shared layers, as the single-rank pool does
+    for every layer. Per-rank bytes are therefore exactly owned/all of the single-rank pool of
+    the same slot count (less when every owned layer is `shared`: no `index_k` at all).
+    store/gather take global layer ids."""
 
     def __init__(self, cfg: ModelConfig, layers, num_slots: int, page_size: int, dtype, device):
         self.layers = tuple(layers)
-        self.local: dict[str, dict[int, int]] = {}
-        widths = cfg.plane_widths()
-        self.pools: dict[str, KVPool] = {}
-        for name, tail in widths.items():
-            ls = [li for li in self.layers if name in layer_planes(cfg, li)]
-            if ls:
-                self.local[name] = {li: i for i, li in enumerate(ls)}
-                self.pools[name] = KVPool(
-                    len(ls), num_slots, page_size, {name: tail}, dtype, device
-                )
+        self.local = {li: i for i, li in enumerate(self.layers)}  # global layer -> local index
+        written: set[str] = set()
+        for li in self.layers:
+            written |= set(layer_planes(cfg, li))
+        widths = {n: t for n, t in cfg.plane_widths().items() if n in written}
+        self.pool = KVPool(len(self.layers), num_slots, page_size, widths, dtype, device)
+
+    @property
+    def planes(self) -> dict[str, torch.Tensor]:
+        """Plane tensors [owned layers, slots, page_size, *tail] (what the tiers copy)."""
+        return self.pool.planes
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.total_bytes for p in self.pools.values())
+        return self.pool.total_bytes
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.pool.bytes_per_page
 
     def store(self, layer: int, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        self.pools[name].store(self.local[name][layer], name, rows, values)
+        self.pool.store(self.local[layer], name, rows, values)
 
     def gather(self, layer: int, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return self.pools[name].gather(self.local[name][layer], name, rows)
+        """Rows [N] of the owned layer `layer` -> [N, *tail], after its load fences (the pool's
+        read guard, installed by RankTiers)."""
+        return self.pool.gather(self.local[layer], name, rows)

@@ -1,0 +1,145 @@
+"""One rank's KV tiers under LayerSplit, built from the HiCache pieces in runtime/kv/ as is:
+L1 page pool over the rank's owned layers (`RankKV`), page allocator (owners, epochs,
+DRAINING), radix prefix tree, L2 host pool and optional L3 disk store over the same layers,
+copy engine (per-layer fences, local layer index) and tier controller.
+
+Every tier of rank r holds only layers owners[r]. Budgets are per rank (`host_bytes`,
+`disk_bytes`); a rank's page is smaller than a single-rank page (owned layers only), so the same
+budget buys more pages on a rank owning fewer layers.
+
+L3: each rank has its own directory `DIR/layersplit-N/rank{r}` (file names are prefix hashes,
+identical across ranks, so ranks cannot share one). The file header's layer range is the rank's
+owned block and its fingerprint is the model's (config, weights, dtype, page size) combined with
+the whole split layout, so a file from another rank or another split is a miss (the disk store
+deletes it), never served; a damaged or truncated file is a miss as well (checksums).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runtime.config import ModelConfig
+from runtime.errors import KvscopeError
+from runtime.kv.allocator import PageAllocator
+from runtime.kv.copy_engine import CopyEngine
+from runtime.kv.disk_store import DiskStore
+from runtime.kv.host_pool import HostPool, plane_specs
+from runtime.kv.radix import RadixTree
+from runtime.kv.tier_controller import TierController
+from runtime.layersplit.ownership import RankKV, contiguous_range
+
+TIERS = ("L1", "L2", "L3")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    num_slots: int  # L1 page slots per rank
+    page_size: int
+    host_bytes: int | None = None  # L2 budget per rank; None: no L2 (4x L1 when a disk is set)
+    disk_dir: str | None = None  # L3 root directory (one subdirectory per split and rank)
+    disk_bytes: int = 1 << 30  # L3 budget per rank
+    write_policy: str = "write_through"
+
+
+def split_fingerprint(model_fp: str, owners) -> str:
+    """The model's KV fingerprint combined with the split layout (every rank's layers)."""
+    layout = ";".join(",".join(map(str, o)) for o in owners)
+    return hashlib.sha256(f"{model_fp}|layersplit {len(owners)}: {layout}".encode()).hexdigest()[
+        :32
+    ]
+
+
+def rank_disk_dir(root, world: int, rank: int) -> Path:
+    return Path(root) / f"layersplit-{world}" / f"rank{rank}"
+
+
+class RankTiers:
+    """L1/L2/L3 of one rank, wired like runtime/kv/stack.py does for one engine."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        model_dir,
+        owners,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        tc: TierConfig,
+    ) -> None:
+        layers = tuple(owners[rank])
+        ps = tc.page_size
+        self.rank, self.world, self.layers, self.page_size = rank, len(owners), layers, ps
+        self.kv = RankKV(cfg, layers, tc.num_slots, ps, dtype, device)
+        self.alloc = PageAllocator(tc.num_slots, ps)
+        self.tree = RadixTree(ps)
+        # fences are per local layer (the copy engine's layer index = RankKV's local index)
+        self.copier = CopyEngine(max(len(layers), 1), device)
+        specs = plane_specs(self.kv.planes)
+        bpp = self.kv.bytes_per_page
+        self.host = self.disk = None
+        if layers and (tc.host_bytes is not None or tc.disk_dir is not None):
+            nbytes = tc.host_bytes if tc.host_bytes is not None else 4 * tc.num_slots * bpp
+            n_host = HostPool.slots_for_bytes(specs, len(layers), ps, nbytes)
+            if n_host < 1:
+                raise KvscopeError(f"L2 budget too small: one page of rank {rank} needs {bpp} B")
+            self.host = HostPool(specs, len(layers), n_host, ps, pin=device.type == "cuda")
+        if layers and tc.disk_dir is not None:
+            from runtime.kv.stack import model_fingerprint
+
+            fp = split_fingerprint(model_fingerprint(Path(model_dir), dtype, ps), owners)
+            where = rank_disk_dir(tc.disk_dir, self.world, rank)
+            try:
+                self.disk = DiskStore(where, tc.disk_bytes, fp, ps, contiguous_range(layers), specs)
+            except OSError as e:
+                raise KvscopeError(f"--kv-disk {where}: cannot use ({e.strerror})") from None
+        self.tiers = TierController(
+            self.alloc,
+            self.tree,
+            self.copier,
+            self.kv.planes,
+            host=self.host,
+            disk=self.disk,
+            policy=tc.write_policy,
+        )
+        self.kv.pool.read_guard = self._wait_fences  # invariant 2: readers cannot skip it
+
+    def _wait_fences(self, layer: int, plane: str, rows: torch.Tensor) -> None:
+        """Read guard: wait for the load fence of local `layer` of every page read."""
+        if self.tiers.loads_in_flight():
+            slots = torch.unique(rows // self.page_size).tolist()
+            self.tiers.wait_layer(slots, layer)
+
+    # ---- telemetry -----------------------------------------------------------------------------
+    def kv_pages(self) -> dict[str, int]:
+        """Pages each tier holds room for (L1, L2 slots) or holds (L3 files)."""
+        return {
+            "L1": self.alloc.num_slots,
+            "L2": self.host.num_slots if self.host else 0,
+            "L3": self.disk.num_pages if self.disk else 0,
+        }
+
+    def kv_bytes(self) -> dict[str, int]:
+        """KV bytes by tier: the L1 and L2 pools as allocated, the L3 files' plane bytes
+        (headers excluded). All of it for this rank's owned layers only."""
+        return {
+            "L1": self.kv.total_bytes,
+            "L2": self.host.bytes_total if self.host else 0,
+            "L3": self.disk.num_pages * self.disk.page_bytes if self.disk else 0,
+        }
+
+    def kv_bytes_used(self) -> dict[str, int]:
+        used_l1 = (self.alloc.num_slots - self.alloc.num_free) * self.kv.bytes_per_page
+        return {
+            "L1": used_l1,
+            "L2": self.host.bytes_used if self.host else 0,
+            "L3": self.disk.num_pages * self.disk.page_bytes if self.disk else 0,
+        }
+
+    def close(self) -> None:
+        """Finish every transfer (L2 backups, L3 writes) and stop the copy workers."""
+        self.tiers.drain()
+        self.copier.close()
