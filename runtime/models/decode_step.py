@@ -47,11 +47,14 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     b, k = ids.shape
     e, i2 = gu_all.shape[0], gu_all.shape[1]
     if b * k < e:
+        # Written as multiply + sum rather than bmm over gu_all[flat]: compiled, the expert
+        # gather fuses into the reduction loop, so the selected weights are read in place
+        # instead of being copied into a [B*K, 2I, D] temporary every step.
         flat = ids.reshape(-1)  # [B*K]
-        xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [B*K, 1, D]
-        gu = torch.bmm(xs, gu_all[flat].transpose(1, 2))  # [B*K, 1, 2I]
-        act = F.silu(gu[..., : i2 // 2]) * gu[..., i2 // 2 :]
-        out = torch.bmm(act, dn_all[flat].transpose(1, 2)).squeeze(1)  # [B*K, D]
+        xs = x.repeat_interleave(k, dim=0)  # [B*K, D]
+        gu = (xs[:, None, :] * gu_all[flat]).sum(-1)  # [B*K, 2I]
+        act = F.silu(gu[:, : i2 // 2]) * gu[:, i2 // 2 :]  # [B*K, I]
+        out = (act[:, None, :] * dn_all[flat]).sum(-1)  # [B*K, D]
         out = (out * weights.reshape(-1, 1)).to(x.dtype)  # fp32 weights as the reference
         y = out.view(b, k, -1).sum(dim=1)
     else:
