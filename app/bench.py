@@ -117,7 +117,7 @@ def _settle_cpu_graph(kv: KvscopeRunner, prompts: Prompts, n: int) -> dict | Non
     g = kv.engine.cpu_graph
     if g is None:
         return None
-    _log("compiling kvscope's CPU decode steps (torch.compile, one graph per shape bucket)")
+    _log("compiling kvscope's CPU decode steps (AOTInductor, one library per shape bucket)")
     t0 = time.perf_counter()
     for i in range(4):
         if not g.wait_idle(1800):

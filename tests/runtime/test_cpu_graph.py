@@ -1,12 +1,12 @@
 """The compiled CPU decode step (runtime/models/cpu_graph.py, decode_step.py) vs the eager path.
 
-- decode_step (uncompiled: the same tensor function torch.compile receives) through
+- decode_step (uncompiled: the same tensor function AOTInductor compiles) through
   CpuDecodeGraph.run against CausalLM.forward, both architectures, a batch of 3 sequences
   (bucket 4: one padding row) with contexts shorter and longer than index_topk, scattered page
   slots, 64 context columns for contexts of < 20 positions (padding columns masked): same
   argmax, logits within 1e-5 (fp32), the same KV rows stored, every plane read guarded.
 - moe_decode's two ways (gathered experts for B*K < E, every expert for B*K >= E) vs MoE.
-- A real torch.compile of one bucket (tiny GLM-5 config): an engine decoding through it emits
+- A real AOTInductor compile of one bucket per architecture: an engine decoding through it emits
   the eager engine's tokens; a failing compile leaves decode eager with the same tokens.
 """
 
@@ -49,7 +49,7 @@ def _batch(tokens: list[list[int]], first: bool) -> ForwardBatch:
 
 
 def _uncompiled(self, bucket):
-    """CpuDecodeGraph._compile without torch.compile: the plain tensor function."""
+    """CpuDecodeGraph._compile without compiling: the plain tensor function."""
     return lambda step, *args: step(*args)
 
 
@@ -123,7 +123,7 @@ COMPILED = {"glm_moe_dsa": (9, 4, 7), "glm4_moe": (9, 4)}
 
 @pytest.mark.parametrize("arch", list(COMPILED))
 def test_compiled_engine_emits_the_eager_tokens(tmp_path, monkeypatch, arch):
-    """One real torch.compile per arch (a few tens of seconds each on 2 cores)."""
+    """One real export + AOTInductor compile per arch (10-40 s each on 2 cores)."""
     model_dir = write_tiny(tmp_path, arch, seed=5, num_hidden_layers=2)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in COMPILED[arch]]
