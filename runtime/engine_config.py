@@ -38,7 +38,7 @@ class EngineConfig:
     expert_policy: str = "lru"  # lru | lfu
     expert_prefetch: bool = True  # prefetch the next layer's predicted experts
     expert_cpu_compute: bool = False  # cold experts on the CPU when cheaper than the copy
-    # Decode steps on CPU through torch.compile'd buckets (runtime/models/cpu_graph.py)
+    # Decode steps on CPU through AOTInductor-compiled buckets (runtime/models/cpu_graph.py)
     cpu_graph: str = "auto"  # auto (compile in the background, eager until ready) | off
 
     def resolve_device(self) -> torch.device:
