@@ -397,4 +397,15 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "page_size": str(self.config.page_size),
             "kv_pages": str(self.pool.num_slots),
+            "decode": self._decode_path(),
         }
+
+    def _decode_path(self) -> str:
+        """How decode steps run: through compiled CPU graphs (and which buckets are ready)."""
+        g = self.cpu_graph
+        if g is None:
+            return "kernels + CUDA graphs" if self.device.type == "cuda" else "eager"
+        if g.failed:
+            return "eager (CPU graph compile failed)"
+        ready = ", ".join(f"b{b}x{c}" for b, c in g.buckets_ready) or "compiling"
+        return f"compiled CPU graph ({ready})"

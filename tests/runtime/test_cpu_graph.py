@@ -21,7 +21,7 @@ import torch
 from runtime.config import load_config
 from runtime.engine import Engine, EngineConfig
 from runtime.kv.pool import KVPool, token_rows
-from runtime.models import build_model
+from runtime.models import build_model, cpu_graph
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.models.cpu_graph import CpuDecodeGraph, bucket_of
 from runtime.models.decode_step import moe_decode
@@ -116,24 +116,29 @@ def _generate(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int
     return [engine.request(r).output_ids for r in rids]
 
 
-# arch -> prompt lengths: GLM-5 with 3 sequences (bucket 4, 12 >= 8 experts: every expert runs),
-# GLM-4.x with 2 (bucket 2, 4 < 8: the selected experts are gathered)
-COMPILED = {"glm_moe_dsa": (9, 4, 7), "glm4_moe": (9, 4)}
+# arch -> (prompt lengths, frozen weights): GLM-5 with 3 sequences (bucket 4, 12 >= 8 experts:
+# every expert runs) and the weights frozen into the library (autotuned C++ GEMMs); GLM-4.x with
+# 2 (bucket 2, 4 < 8: the selected experts are gathered) and the weights passed as inputs, the
+# mode of models above FROZEN_MAX_BYTES
+COMPILED = {"glm_moe_dsa": ((9, 4, 7), True), "glm4_moe": ((9, 4), False)}
 
 
 @pytest.mark.parametrize("arch", list(COMPILED))
 def test_compiled_engine_emits_the_eager_tokens(tmp_path, monkeypatch, arch):
-    """One real export + AOTInductor compile per arch (10-40 s each on 2 cores)."""
+    """One real export + AOTInductor compile per arch (frozen + autotuned: ~60-90 s on 2
+    cores; weights as inputs: ~15-30 s)."""
     model_dir = write_tiny(tmp_path, arch, seed=5, num_hidden_layers=2)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in COMPILED[arch]]
+    lengths, frozen = COMPILED[arch]
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in lengths]
     conf = EngineConfig(device="cpu", page_size=PAGE)
     monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "0")
     want = _generate(Engine(model_dir, conf), prompts, 12)
 
     monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
+    monkeypatch.setattr(cpu_graph, "FROZEN_MAX_BYTES", 1 << 30 if frozen else 0)
     engine = Engine(model_dir, conf)
-    assert engine.cpu_graph is not None
+    assert engine.cpu_graph is not None and engine.cpu_graph.frozen == frozen
     bucket = bucket_of(len(prompts), 9 + 12)
     engine.cpu_graph.request(bucket)
     assert engine.cpu_graph.wait_idle(900), "compile did not finish"
