@@ -254,7 +254,10 @@ class Engine:
             return None
         if not cpu_graph_requested(c.cpu_graph):
             return None
-        g = CpuDecodeGraph(self.model, self.pool)
+        from runtime.kv.stack import model_fingerprint
+
+        key = model_fingerprint(self.model_dir, self.dtype, c.page_size)
+        g = CpuDecodeGraph(self.model, self.pool, key)
         return g if g.enabled else None
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:

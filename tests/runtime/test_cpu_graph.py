@@ -101,11 +101,11 @@ def test_decode_step_matches_eager_forward(tmp_path, monkeypatch, arch):
             tokens[b].append(row)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 7])
+@pytest.mark.parametrize("batch", [1, 3, 7, 11])
 def test_moe_decode_matches_moe(tiny_dsa, batch):
     cfg = load_config(tiny_dsa)
     model = build_model(cfg, Checkpoint(tiny_dsa), torch.float32, "cpu")
-    moe = model.layers[1].mlp  # layer 0 is dense; E = 8, K = 3: B = 1, 2 gather, 3, 7 dense
+    moe = model.layers[1].mlp  # layer 0 is dense; E = 8, K = 3: B <= 10 gather, 11 dense
     x = torch.randn(batch, cfg.hidden_size, generator=torch.Generator().manual_seed(batch))
     torch.testing.assert_close(moe_decode(moe, x), moe(x), atol=1e-5, rtol=1e-5)
 
