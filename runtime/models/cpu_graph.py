@@ -61,6 +61,12 @@ if TYPE_CHECKING:
 FROZEN_MAX_BYTES = int(os.environ.get("KVSCOPE_CPU_GRAPH_FROZEN_MAX", 256 << 20))
 FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 QUIET = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# Deprecation notices torch's own export / autotune code raises while compiling a bucket in the
+# background; they say nothing about kvscope and would land in the middle of a TUI or a report.
+warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
+)
 MIN_COLUMNS = 64  # context columns: the next power of two >= max(end, MIN_COLUMNS)
 BATCH_BUCKETS = (1, 4, 8, 16, 32, 64, 128)  # few buckets: each compiles for ~1 min
 
