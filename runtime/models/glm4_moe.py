@@ -33,18 +33,23 @@ class GQAAttention:
     q_norm: torch.Tensor | None  # [Dh]
     k_norm: torch.Tensor | None
 
-    def forward(self, x, batch: ForwardBatch, pool: KVPool, layer: int, state: dict):
+    def _project(self, x, cos, sin):
+        """The torch path's q [T, H, Dh], k, v [T, Hk, Dh]: projections, QK-norm, partial RoPE."""
         cfg = self.cfg
         t, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        g = h // hk
         q = linear(x, self.wq, self.bq).view(t, h, dh)
         k = linear(x, self.wk, self.bk).view(t, hk, dh)
         v = linear(x, self.wv, self.bv).view(t, hk, dh)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        cos, sin = state["cos_sin"]
-        q, k = rope_neox_partial(q, cos, sin), rope_neox_partial(k, cos, sin)
+        return rope_neox_partial(q, cos, sin), rope_neox_partial(k, cos, sin), v
+
+    def forward(self, x, batch: ForwardBatch, pool: KVPool, layer: int, state: dict):
+        cfg = self.cfg
+        t, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g = h // hk
+        q, k, v = self._project(x, *state["cos_sin"])
         pool.store(layer, "k", batch.new_rows, k)
         pool.store(layer, "v", batch.new_rows, v)
         out = torch.empty((t, h, dh), dtype=x.dtype, device=x.device)
@@ -73,14 +78,7 @@ class GQAAttention:
 
         cfg = self.cfg
         b, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = linear(x, self.wq, self.bq).view(b, h, dh)
-        k = linear(x, self.wk, self.bk).view(b, hk, dh)
-        v = linear(x, self.wv, self.bv).view(b, hk, dh)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        cos, sin = state["cos_sin"]
-        q, k = rope_neox_partial(q, cos, sin), rope_neox_partial(k, cos, sin)
+        q, k, v = self._project(x, *state["cos_sin"])
         keys = gather_context(planes["k"], ctx_rows, k, is_new)  # [B, C, Hk, Dh]
         vals = gather_context(planes["v"], ctx_rows, v, is_new)
         qs = q.view(b, hk, h // hk, dh)

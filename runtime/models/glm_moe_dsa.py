@@ -56,18 +56,28 @@ class MLAAttention:
     indexer: Indexer | None  # None on "shared" layers: reuse the last full layer's selection
     scaling: float
 
-    def forward(self, x, batch: ForwardBatch, pool: KVPool, layer: int, state: dict):
+    def _project(self, x, cos, sin):
+        """The torch path's projections of T tokens: q_resid [T, q_lora] (the indexer's input),
+        q_nope [T, H, Nd], q_rope [T, H, R] and the new latent-plane rows [T, Kl + R] =
+        (kv_a_layernorm(c_kv), rope(k_rot))."""
         cfg = self.cfg
         t = x.shape[0]
         nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        cos, sin = state["cos_sin"]
         q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
         q = linear(q_resid, self.q_b).view(t, nh, nd + r)
-        q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)  # [T,H,Nd], [T,H,R]
+        q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)
         ckv = linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl+R]
         latent = rms_norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
-        k_rot = rope_interleaved(ckv[:, kl:], cos, sin)  # [T, R]
-        pool.store(layer, "latent", batch.new_rows, torch.cat([latent, k_rot], dim=-1))
+        new_lat = torch.cat([latent, rope_interleaved(ckv[:, kl:], cos, sin)], dim=-1)
+        return q_resid, q_nope, q_rope, new_lat
+
+    def forward(self, x, batch: ForwardBatch, pool: KVPool, layer: int, state: dict):
+        cfg = self.cfg
+        t = x.shape[0]
+        nh, kl = cfg.num_heads, cfg.kv_lora_rank
+        cos, sin = state["cos_sin"]
+        q_resid, q_nope, q_rope, new_lat = self._project(x, cos, sin)
+        pool.store(layer, "latent", batch.new_rows, new_lat)
 
         if self.indexer is not None:
             q_idx, w_idx = self._indexer_queries(x, q_resid, batch, pool, layer, cos, sin)
@@ -108,14 +118,8 @@ class MLAAttention:
 
         cfg = self.cfg
         b = x.shape[0]
-        nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        cos, sin = state["cos_sin"]
-        q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
-        q = linear(q_resid, self.q_b).view(b, nh, nd + r)
-        q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)
-        ckv = linear(x, self.kv_a, self.kv_a_bias)  # [B, Kl+R]
-        latent = rms_norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
-        new_lat = torch.cat([latent, rope_interleaved(ckv[:, kl:], cos, sin)], dim=-1)
+        nh, kl = cfg.num_heads, cfg.kv_lora_rank
+        q_resid, q_nope, q_rope, new_lat = self._project(x, *state["cos_sin"])
         rows = {"latent": new_lat}
         if self.indexer is not None:
             rows["index_k"], state["sel"] = self._decode_select(
