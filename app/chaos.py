@@ -112,11 +112,15 @@ def chaos_report(args) -> dict:
         off = replace(base, unsafe=True)
         _warm_cpu_graphs(args.model, base, prompts, args.max_new_tokens, Path(tmp))
         times = {"on": [], "off": []}
+        steps = {"compiled": 0, "eager": 0}  # timed runs' eligible decode steps, by path
         for i in range(3):  # interleaved, fresh L3 each time; the first pair is a warm-up
             for mode, cfg in (("off", off), ("on", base)):
                 cfg = replace(cfg, kv_disk=str(Path(tmp) / f"{mode}{i}"))
                 e, res, dt = _run(args.model, cfg, prompts, args.max_new_tokens)
                 times[mode].append(dt)
+                if i and e.cpu_graph is not None:
+                    steps["compiled"] += e.cpu_graph.steps_compiled
+                    steps["eager"] += e.cpu_graph.steps_eager
                 if mode == "on":
                     clean = res
         t_on, t_off = min(times["on"][1:]), min(times["off"][1:])
@@ -126,6 +130,8 @@ def chaos_report(args) -> dict:
             "tokens": sum(len(r.output_ids) for r in clean.values()),
             "false_positives": false_pos,
             "overhead_pct": round(100 * (t_on - t_off) / t_off, 1) if t_off > 0 else None,
+            "seconds_on_off": [round(t_on, 3), round(t_off, 3)],
+            "decode_steps_cpu_graph": steps,
         }
         for kind, rate in kinds.items():
             ic = IntegrityConfig(faults={kind: rate}, bypass_drain=args.bypass_drain)
@@ -176,6 +182,12 @@ def print_report(rep: dict) -> None:
     for kind, row in rep["kinds"].items():
         print(f"{kind:<14}" + "".join(f"{row[c]:>15}" for c in cols))
     print(f"overhead of the default checks on decode: {rep['overhead_pct']} %")
+    graph = rep.get("clean", {}).get("decode_steps_cpu_graph")
+    if graph and sum(graph.values()):
+        print(
+            f"timed decode steps: {graph['compiled']} through the compiled CPU graph, "
+            f"{graph['eager']} eager"
+        )
     for kind, row in rep["kinds"].items():
         for ex in row["garbled_examples"][:1]:
             print(f"[{kind}] garbled: {ex['got']!r}\n{'':>{len(kind) + 3}}clean:   {ex['want']!r}")
