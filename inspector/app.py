@@ -4,9 +4,9 @@ Threading: a single driver worker thread owns every engine call that may block (
 `abort`, `step`, `has_work`) and posts `EngineStepped` messages to the app. A timer on the UI
 thread asks for a snapshot ~10 times a second; a short-lived poller thread calls
 `engine.snapshot()` (which may wait for a running step) and posts it back, so the UI never blocks
-on the engine. The UI thread calls the engine directly only for `model_info()` at start and for
-`snapshot()` when the engine is known to be idle (at start, after a manual step). Widgets are
-only touched on the UI thread.
+on the engine. The UI thread calls the engine directly only for `model_info()` (at start and on
+F3; it takes no lock) and for `snapshot()` when the engine is known to be idle (at start, after
+a manual step). Widgets are only touched on the UI thread.
 """
 
 from __future__ import annotations

@@ -154,4 +154,7 @@ class ChatScreen(Screen[None]):
             self.post_message(StopGeneration())
 
     def action_model_info(self) -> None:
+        # model_info() reads plain attributes (no engine lock): refreshed here so that live
+        # entries (the decode path while CPU graphs compile) are current
+        self.kv_app.model_info = dict(self.kv_app.engine.model_info())
         self.app.push_screen(ModelInfoScreen(self.kv_app.model_info, self.kv_app.snapshot))
