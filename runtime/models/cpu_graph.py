@@ -310,7 +310,8 @@ class CpuDecodeGraph:
 
     @property
     def buckets_ready(self) -> list[tuple[int, int]]:
-        return sorted(self._ready)
+        with self._cv:  # the compile thread inserts into _ready
+            return sorted(self._ready)
 
     # ---- one step ----------------------------------------------------------------------------
     @staticmethod
