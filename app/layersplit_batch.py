@@ -125,7 +125,7 @@ def _result(uid, ids, res, j: int, tok, eos, split: dict, telemetry: list) -> di
 def run_layer_split_batch(args) -> int:
     import torch
 
-    from app.options import parse_size
+    from app.options import kv_tier_options
     from runtime.config import load_config
     from runtime.layersplit import run_layer_split
     from runtime.prompts import eos_ids
@@ -149,6 +149,7 @@ def run_layer_split_batch(args) -> int:
     num_slots = _num_slots(args, model_dir, n, dtype)
     if num_slots is not None:
         _drop_unfit(records, errors, num_slots, args.page_size)
+    tiers = kv_tier_options(args)  # per rank, for its own layers
     res = None
     if records:
         res = run_layer_split(
@@ -162,12 +163,10 @@ def run_layer_split_batch(args) -> int:
             eos_ids=eos,
             max_batch=args.max_running,
             num_slots=num_slots,
-            host_bytes=parse_size(args.kv_host_mem, "--kv-host-mem") if args.kv_host_mem else None,
-            disk_dir=args.kv_disk,
-            disk_bytes=parse_size(args.kv_disk_size, "--kv-disk-size")
-            if args.kv_disk_size
-            else 4 << 30,
-            write_policy=args.write_policy,
+            host_bytes=tiers["kv_host_mem"],
+            disk_dir=tiers["kv_disk"],
+            disk_bytes=tiers["kv_disk_size"],
+            write_policy=tiers["write_policy"],
             timeout_s=args.timeout,
         )
     owners = [list(o) for o in res.layer_owners] if res else []

@@ -60,6 +60,18 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
 
 
+def kv_tier_options(args: argparse.Namespace) -> dict:
+    """--kv-host-mem / --kv-disk / --kv-disk-size / --write-policy as EngineConfig fields."""
+    return dict(
+        kv_host_mem=parse_size(args.kv_host_mem, "--kv-host-mem") if args.kv_host_mem else None,
+        kv_disk=args.kv_disk,
+        kv_disk_size=parse_size(args.kv_disk_size, "--kv-disk-size")
+        if args.kv_disk_size
+        else 4 << 30,
+        write_policy=args.write_policy,
+    )
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.page_size < 1:
         raise KvscopeError(f"--page-size {args.page_size}: must be >= 1")
@@ -88,12 +100,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_mem=parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else None,
         cpu_mem=parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None,
         expert_cache=args.expert_cache,
-        kv_host_mem=parse_size(args.kv_host_mem, "--kv-host-mem") if args.kv_host_mem else None,
-        kv_disk=args.kv_disk,
-        kv_disk_size=parse_size(args.kv_disk_size, "--kv-disk-size")
-        if args.kv_disk_size
-        else 4 << 30,
-        write_policy=args.write_policy,
+        **kv_tier_options(args),
         unsafe=args.unsafe,
         cpu_graph=getattr(args, "cpu_graph", "auto"),
         integrity=IntegrityConfig(
