@@ -210,6 +210,8 @@ def clean_report(args) -> dict:
         "false_positives": sum(len(r.violations) for r in res.values()),
         "suspect_tokens_requests": sum(r.verdict != "ok" for r in res.values()),
         "events": {k: events.count(k) for k in set(events)},
+        "shadow_recomputes": e.monitor.shadow_runs,
+        "shadow_skipped_over_budget": e.monitor.shadow_skipped,
         "seconds": round(dt, 1),
     }
 

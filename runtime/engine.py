@@ -236,6 +236,7 @@ class Engine:
                         t: (seq.cached or {}).get(t, 0) for t in ("L1", "L2", "L3")
                     }
             dt = time.perf_counter() - t0
+            self.monitor.note_step(dt)
             rate = batch.num_tokens / dt if dt > 0 else 0.0
             if all(len(w.token_ids) == 1 for w in batch.seqs):
                 self._decode_rate = rate

@@ -17,6 +17,10 @@ class IntegrityConfig:
     checksum_sample: float = 0.02  # share of steps that re-verify one full page a batch reads
     shadow_rate: float = 0.005  # share of tokens recomputed without the cache
     shadow_tol: float = 1e-3  # max |delta logit| (fp32); bf16/fp16 use 5e-2
+    # A shadow recompute is a whole prefill of the context, so its cost grows with the context:
+    # sampled shadows are skipped while they have taken more than this share of the engine's
+    # step time (None: no cap). shadow_rate 1.0 (every token) is never capped.
+    shadow_budget: float | None = 0.03
     faults: dict[str, float] = field(default_factory=dict)  # kind -> rate
     seed: int = 0
 

@@ -46,6 +46,10 @@ class IntegrityMonitor:
         self.pending_bad: dict[str, list[str]] = defaultdict(list)
         self._fence_bad: dict[str, list[str]] = defaultdict(list)
         self.engine = None
+        self.busy_s = 0.0  # engine step time (note_step), shadows included
+        self.shadow_s = 0.0  # time spent in shadow recomputes
+        self.shadow_runs = 0
+        self.shadow_skipped = 0  # sampled but skipped: over shadow_budget
 
     def attach(self, engine) -> None:
         """Install the read guard in the L1 pool accessor (replacing the plain fence wait)."""
@@ -148,7 +152,19 @@ class IntegrityMonitor:
 
     # ---- shadow recompute -----------------------------------------------------------------------
     def shadow_due(self) -> bool:
-        return self.cfg.protections and self.rng.random() < self.cfg.shadow_rate
+        """Sampled at shadow_rate; a sampled token is skipped while shadow recomputes have
+        taken more than shadow_budget of the engine's step time (see IntegrityConfig)."""
+        if not (self.cfg.protections and self.rng.random() < self.cfg.shadow_rate):
+            return False
+        budget = self.cfg.shadow_budget
+        if budget is not None and self.cfg.shadow_rate < 1 and self.shadow_s > budget * self.busy_s:
+            self.shadow_skipped += 1
+            return False
+        return True
+
+    def note_step(self, seconds: float) -> None:
+        """The engine's time for one step that computed something (shadows included)."""
+        self.busy_s += seconds
 
     def shadow(self, tokens: list[int], served: torch.Tensor) -> tuple[bool, float]:
         """Recompute the next-token logits of `tokens` without the cache; compare."""
@@ -165,7 +181,10 @@ class IntegrityMonitor:
             rows,
             [SeqChunk(0, n, 0, rows)],
         )
+        t0 = time.perf_counter()
         ref = e.model.forward(batch, pool)[0]
+        self.shadow_s += time.perf_counter() - t0
+        self.shadow_runs += 1
         top1 = int(ref.argmax()) == int(served.argmax())
         return top1, float((ref - served).abs().max())
 

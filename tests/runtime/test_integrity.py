@@ -147,3 +147,22 @@ def test_per_token_verdicts_stream(tiny_dsa):
     assert all(ev.verdict.verdict == "ok" and ev.verdict.epochs_ok for ev in evs[:-1])
     assert all(ev.verdict.pages for ev in evs[:-1])
     assert torch.is_tensor(e.pool.planes["latent"])
+
+
+def test_shadow_budget_caps_recompute_time(tiny_dsa):
+    """Sampled shadows stop once they took more than shadow_budget of the step time; rate 1.0
+    (every token) is never capped; no budget keeps every sampled shadow."""
+
+    def shadows(**kw):
+        ic = IntegrityConfig(seed=3, **kw)
+        e = Engine(tiny_dsa, EngineConfig(device="cpu", page_size=PS, integrity=ic))
+        e.generate(list(range(3, 60)), max_new_tokens=40, ignore_eos=True)
+        return e.monitor
+
+    capped = shadows(shadow_rate=0.5, shadow_budget=0.01)
+    free = shadows(shadow_rate=0.5, shadow_budget=None)
+    assert free.shadow_runs >= 10 and free.shadow_skipped == 0
+    assert capped.shadow_skipped > 0 and capped.shadow_runs < free.shadow_runs
+    assert capped.shadow_runs + capped.shadow_skipped == free.shadow_runs  # same draws
+    every = shadows(shadow_rate=1.0, shadow_budget=0.01)
+    assert every.shadow_skipped == 0 and every.shadow_runs == 40
