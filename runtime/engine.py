@@ -160,10 +160,13 @@ class Engine:
             return [self._finish(req, reason, status="aborted")]
 
     def close(self) -> None:
-        """Finish transfers in flight (L2/L3 backups) and stop the copy threads."""
+        """Finish transfers in flight (L2/L3 backups), stop the copy threads and the CPU
+        graph's compile thread."""
         with self._lock:
             self.monitor.land_all_late_writes()
             self.kv.close()
+            if self.cpu_graph is not None:
+                self.cpu_graph.close()
 
     # ---------------------------------------------------------------- stepping
     def _finish(self, req: Request, reason: str, status: str = "finished") -> TokenEvent:

@@ -222,6 +222,8 @@ class CpuDecodeGraph:
         self._queue: list[tuple[int, int]] = []
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._closed = False
+        self._compiling = False  # the worker is compiling self._queue[0]
 
     # ---- compilation (background thread) -----------------------------------------------------
     def _compile(self, bucket: tuple[int, int]):
@@ -264,14 +266,18 @@ class CpuDecodeGraph:
         torch.set_num_threads(1)  # compile beside the stepping thread, not against it
         while True:
             with self._cv:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._cv.wait()
-                bucket = self._queue[0]
+                if self._closed:  # close(): the thread ends and lets go of the model
+                    return
+                bucket = self._queue[0]  # stays queued while compiling (wait_idle waits on it)
+                self._compiling = True
             try:
                 fn = self._compile(bucket)
             except Exception as exc:  # no C++ compiler, an unsupported op: stay eager
                 with self._cv:
                     self.enabled, self.failed = False, repr(exc)
+                    self._compiling = False
                     self._queue.clear()
                     self._cv.notify_all()
                 warnings.warn(
@@ -279,16 +285,28 @@ class CpuDecodeGraph:
                 )
                 return
             with self._cv:
-                self._ready[bucket] = fn
                 if self._key is not None and isinstance(fn, _CompiledStep):
-                    _LIBRARIES[(self._key, bucket)] = fn
+                    _LIBRARIES[(self._key, bucket)] = fn.with_weights([])  # holds no weights
+                if not self._closed:
+                    self._ready[bucket] = fn
                 self._queue.pop(0)
+                self._compiling = False
                 self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop the compile thread and drop the compiled steps, so that a closed engine's model
+        and pool can be freed. A bucket being compiled still lands in the process cache (for
+        the next engine of the same model); wait_idle() waits for it."""
+        with self._cv:
+            self._closed = True
+            del self._queue[1 if self._compiling else 0 :]  # the one compiling still lands
+            self._ready.clear()
+            self._cv.notify_all()
 
     def request(self, bucket: tuple[int, int]) -> None:
         """Queue a bucket for compilation (no-op if ready or queued)."""
         with self._cv:
-            if not self.enabled or bucket in self._ready or bucket in self._queue:
+            if self._closed or not self.enabled or bucket in self._ready or bucket in self._queue:
                 return
             shared = _LIBRARIES.get((self._key, bucket)) if self._key is not None else None
             if shared is not None:  # compiled by another engine of this process

@@ -155,7 +155,18 @@ def test_compiled_engine_emits_the_eager_tokens(tmp_path, monkeypatch, arch):
     got = _generate(engine, prompts, 12)
     assert got == want
     assert engine.cpu_graph.steps_compiled >= 10  # every full-batch decode step
-    engine.close()
+    worker = engine.cpu_graph._worker
+    engine.close()  # the compile thread ends, letting go of the model and pool
+    worker.join(10)
+    assert not worker.is_alive()
+
+    # a second engine of the same model reuses the library from the process cache
+    again = Engine(model_dir, conf)
+    again.cpu_graph.request(bucket)
+    assert again.cpu_graph.buckets_ready == [bucket] and again.cpu_graph._worker is None
+    assert _generate(again, prompts, 12) == want
+    assert again.cpu_graph.steps_compiled >= 10
+    again.close()
 
 
 def test_compile_failure_keeps_decoding_eagerly(tiny_dsa, monkeypatch):
