@@ -6,18 +6,22 @@ microseconds each for the demo model, docs/performance.md), not by arithmetic. H
 ahead-of-time compiled C++ function: runtime/models/decode_step.py is exported with
 torch.export and compiled with AOTInductor, which fuses the elementwise work into a few C++
 loops and calls the GEMMs directly; the loaded library is called without Dynamo guards or a
-Python wrapper per kernel (the demo's step: ~4.0 ms of CPU time eager, ~0.55 ms compiled in a
-tight loop; torch.compile with the C++ wrapper measured ~0.7 ms, its guards and wrapper cost the
-difference). The model's weights are inputs of the compiled step, not constants: nothing is
-copied, and the library is traced over a private copy of the model's object tree so that the
-live model is never touched while a bucket compiles.
+Python wrapper per kernel (the demo's step, batch 1: ~4.0 ms of CPU time eager, ~0.4 ms
+compiled in a tight loop; torch.compile with the C++ wrapper measured ~0.7 ms).
+
+Weights: a model of at most FROZEN_MAX_BYTES is compiled with its weights frozen in as
+constants, so Inductor prepacks them and autotunes its own C++ micro-GEMMs (a copy of the
+weights per bucket). A larger model's weights are inputs of the compiled step (nothing copied;
+ATen GEMMs), traced over a private copy of the model's object tree so that the live model is
+never touched while a bucket compiles.
 
 Shapes are static per bucket (dynamic shapes cost ~60 % more per step in Inductor's CPU code):
 the batch is padded to a BATCH_BUCKETS size (padding rows compute on position 0 and are
 dropped), the context to a power-of-two number of columns >= MIN_COLUMNS (masked). Each
 (batch, columns) bucket is compiled once, in a background thread, the first time a step needs
-it (~20-40 s on 2 cores); until it is ready that step runs eagerly, so no request ever waits
-for the compiler.
+it (20-90 s on 2 cores); until it is ready that step runs eagerly, so no request ever waits
+for the compiler. Compiled libraries are kept for the process (``_LIBRARIES``): another engine
+of the same model and pool shape reuses them. ``close()`` (Engine.close) ends the thread.
 
 Invariants kept as in the eager path:
 - Reads: before the compiled step runs, the pool's read guard (fence waits of loads in flight)
