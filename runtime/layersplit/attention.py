@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.models.glm_moe_dsa import NORM_EPS
-from runtime.models.layers import linear, rms_norm
-from runtime.models.rope import rope_interleaved, rope_neox_partial
+from runtime.models.layers import linear
 
 
 def causal_by_position(pos: torch.Tensor, c: int) -> torch.Tensor:
@@ -28,26 +26,13 @@ def causal_by_position(pos: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def mla_project(attn, x: torch.Tensor, cos, sin):
-    """-> (query dict, new plane rows {"latent": [n, Kl+R], "index_k": [n, Di] (full layers)})."""
-    cfg = attn.cfg
-    t = x.shape[0]
-    nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-    q_resid = rms_norm(linear(x, attn.q_a, attn.q_a_bias), attn.q_a_norm, NORM_EPS)
-    q = linear(q_resid, attn.q_b).view(t, nh, nd + r)
-    q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)
-    ckv = linear(x, attn.kv_a, attn.kv_a_bias)
-    latent = rms_norm(ckv[:, :kl], attn.kv_a_norm, NORM_EPS)
-    k_rot = rope_interleaved(ckv[:, kl:], cos, sin)
-    rows = {"latent": torch.cat([latent, k_rot], dim=-1)}
+    """-> (query dict, new plane rows {"latent": [n, Kl+R], "index_k": [n, Di] (full layers)}).
+    The projections are the model's own (MLAAttention._project / _indexer_project)."""
+    q_resid, q_nope, q_rope, new_lat = attn._project(x, cos, sin)
+    rows = {"latent": new_lat}
     qry = {}
-    ix = attn.indexer
-    if ix is not None:
-        hi, di = cfg.index_n_heads, cfg.index_head_dim
-        iq = linear(q_resid, ix.wq_b).view(t, hi, di)
-        qry["idx_q"] = torch.cat([rope_interleaved(iq[..., :r], cos, sin), iq[..., r:]], dim=-1)
-        k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)
-        rows["index_k"] = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
-        qry["idx_w"] = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
+    if attn.indexer is not None:
+        qry["idx_q"], rows["index_k"], qry["idx_w"] = attn._indexer_project(x, q_resid, cos, sin)
     qry["q_abs"] = torch.cat(
         [torch.bmm(q_nope.transpose(0, 1), attn.w_uk), q_rope.transpose(0, 1)], dim=-1
     )  # [H, n, Kl+R]
@@ -89,16 +74,9 @@ def mla_attend(attn, qry: dict, pos: torch.Tensor, kv: torch.Tensor, sel) -> tor
 
 
 def gqa_project(attn, x: torch.Tensor, cos, sin):
-    """-> (query dict, new plane rows {"k": [n, Hk, Dh], "v": [n, Hk, Dh]})."""
-    cfg = attn.cfg
-    t, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = linear(x, attn.wq, attn.bq).view(t, h, dh)
-    k = linear(x, attn.wk, attn.bk).view(t, hk, dh)
-    v = linear(x, attn.wv, attn.bv).view(t, hk, dh)
-    if attn.q_norm is not None:
-        q = rms_norm(q, attn.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(k, attn.k_norm, cfg.rms_norm_eps)
-    q, k = rope_neox_partial(q, cos, sin), rope_neox_partial(k, cos, sin)
+    """-> (query dict, new plane rows {"k": [n, Hk, Dh], "v": [n, Hk, Dh]}): the model's own
+    projections (GQAAttention._project)."""
+    q, k, v = attn._project(x, cos, sin)
     return {"q": q}, {"k": k, "v": v}
 
 

@@ -145,16 +145,10 @@ class MLAAttention:
         index_topk, as _select's None)."""
         from runtime.models.decode_step import gather_context
 
-        cfg, ix = self.cfg, self.indexer
-        b, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
-        cos, sin = state["cos_sin"]
-        k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [B, Di]
-        k = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
+        cfg = self.cfg
+        q, k, w = self._indexer_project(x, q_resid, *state["cos_sin"])  # [B, Hi, Di], [B, Di]
         keys = gather_context(planes["index_k"], ctx_rows, k, is_new).float()  # [B, C, Di]
-        q = linear(q_resid, ix.wq_b).view(b, hi, di)
-        q = torch.cat([rope_interleaved(q[..., :r], cos, sin), q[..., r:]], dim=-1)
-        w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
-        scale = di**-0.5
+        scale = cfg.index_head_dim**-0.5
         scores = F.relu((q.float()[:, :, None, :] * keys[:, None]).sum(-1) * scale)  # [B, Hi, C]
         index_scores = (w[..., None] * scores).sum(1).masked_fill(~valid, float("-inf"))
         top = index_scores.topk(min(cfg.index_topk, valid.shape[1]), dim=-1).indices
@@ -236,16 +230,23 @@ class MLAAttention:
             max_len=km.max_len,
         )
 
-    def _indexer_queries(self, x, q_resid, batch, pool, layer, cos, sin):
-        """Indexer queries [T, Hi, Di], head weights [T, Hi] (fp32); stores the key plane."""
+    def _indexer_project(self, x, q_resid, cos, sin):
+        """The torch path's indexer projections of T tokens: queries [T, Hi, Di], the new
+        indexer-key rows [T, Di] (LayerNorm, interleaved RoPE on the first R channels) and the
+        head weights [T, Hi] (fp32)."""
         cfg, ix = self.cfg, self.indexer
         t, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         q = linear(q_resid, ix.wq_b).view(t, hi, di)
         q = torch.cat([rope_interleaved(q[..., :r], cos, sin), q[..., r:]], dim=-1)
         k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
         k = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
-        pool.store(layer, "index_k", batch.new_rows, k)
         w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
+        return q, k, w
+
+    def _indexer_queries(self, x, q_resid, batch, pool, layer, cos, sin):
+        """Indexer queries [T, Hi, Di], head weights [T, Hi] (fp32); stores the key plane."""
+        q, k, w = self._indexer_project(x, q_resid, cos, sin)
+        pool.store(layer, "index_k", batch.new_rows, k)
         return q, w
 
     def _select(self, q_idx, w_idx, seq, pool, layer, batch, si):
