@@ -233,3 +233,18 @@ def _compile(kernel: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
     smem = int(getattr(compiled.metadata, "shared", 0))
     assert smem <= _MAX_SMEM, f"{kernel.__name__}: {smem} bytes of shared memory > {_MAX_SMEM}"
     _compiled.append(f"{kernel.fn.__module__}.{kernel.__name__} (smem {smem // 1024} KiB)")
+
+
+def cuda_time_per_call(fn, iters: int, warmup: int = 3) -> float:
+    """Seconds per call of ``fn`` on the current CUDA stream, timed with CUDA events after
+    ``warmup`` untimed calls (compiles, caches)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters

@@ -49,16 +49,9 @@ def _time_us(fn: Callable[[], object], iters: int) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e6
-    for _ in range(3):  # warm up (compiles, autotunes nothing, fills caches)
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000.0 / iters
+    from kernels.backend import cuda_time_per_call
+
+    return cuda_time_per_call(fn, iters) * 1e6
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from kernels.backend import cuda_time_per_call
+
 
 def _need_cuda() -> None:
     if not torch.cuda.is_available():
@@ -126,19 +128,6 @@ def bench_offload_decode(
     return out
 
 
-def _time_cuda(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
-
-
 def bench_int4_moe(
     T: int = 1, E: int = 256, D: int = 2048, I: int = 512, k: int = 8, iters: int = 50
 ) -> dict:
@@ -156,8 +145,8 @@ def bench_int4_moe(
     ids = torch.stack([torch.randperm(E, device=dev, generator=g)[:k] for _ in range(T)])
     w = torch.rand(T, k, device=dev, generator=g)
     gu4, dn4 = quantize_int4(wgu), quantize_int4(wd)
-    t4 = _time_cuda(lambda: int4_moe(x, gu4, dn4, ids, w), iters)
-    t16 = _time_cuda(lambda: fused_moe(x, wgu, wd, ids, w), iters)
+    t4 = cuda_time_per_call(lambda: int4_moe(x, gu4, dn4, ids, w), iters)
+    t16 = cuda_time_per_call(lambda: fused_moe(x, wgu, wd, ids, w), iters)
     active = int(torch.unique(ids).numel())
     b16 = active * 3 * I * D * 2
     b4 = active * (gu4.nbytes + dn4.nbytes) // E
