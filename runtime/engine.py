@@ -260,7 +260,10 @@ class Engine:
             return None
         from runtime.kv.stack import model_fingerprint
 
-        key = model_fingerprint(self.model_dir, self.dtype, c.page_size)
+        disk = self.kv.disk  # its fingerprint is the same hash: not computed twice
+        key = (
+            disk.fingerprint if disk else model_fingerprint(self.model_dir, self.dtype, c.page_size)
+        )
         g = CpuDecodeGraph(self.model, self.pool, key)
         return g if g.enabled else None
 

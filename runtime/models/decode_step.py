@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from runtime.models.base import CausalLM
 
 
-def gather_context(plane: torch.Tensor, ctx_rows: torch.Tensor, new: torch.Tensor, is_new):
-    """plane [rows, *tail], ctx_rows [B, C], new [B, *tail], is_new bool [B, C] -> [B, C, *tail]
+def gather_context(plane: torch.Tensor, ctx_rows: torch.Tensor, new: torch.Tensor, positions):
+    """plane [rows, *tail], ctx_rows [B, C], new [B, *tail], positions [B] -> [B, C, *tail]
     with column p_b holding the new token's row.
 
     Written as a gather followed by a scatter of the new rows (not a `where`): compiled, the
@@ -40,8 +40,7 @@ def gather_context(plane: torch.Tensor, ctx_rows: torch.Tensor, new: torch.Tenso
     attention loop (measured 10x slower at B = 8)."""
     ctx = plane[ctx_rows]  # [B, C, *tail]
     b = ctx_rows.shape[0]
-    col = is_new.to(torch.long).argmax(dim=1)  # [B] position p_b
-    return ctx.index_put((torch.arange(b, device=ctx.device), col), new.to(ctx.dtype))
+    return ctx.index_put((torch.arange(b, device=ctx.device), positions), new.to(ctx.dtype))
 
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +93,6 @@ def decode_step(
     cfg = model.cfg
     c = ctx_rows.shape[1]
     cols = torch.arange(c, device=ctx_rows.device)
-    is_new = cols[None, :] == positions[:, None]  # [B, C]
     valid = cols[None, :] <= positions[:, None]  # causal: [B, C]
     cos_sin = model.rope.cos_sin(positions, model.dtype)
     state = {"cos_sin": cos_sin, "positions": positions, "sel": None}
@@ -103,7 +101,7 @@ def decode_step(
     for li, layer in enumerate(model.layers):
         x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
         lp = {name: t[li] for name, t in planes.items()}  # [rows, *tail] per plane
-        attn, rows = layer.attn.forward_decode(x, ctx_rows, lp, is_new, valid, state)
+        attn, rows = layer.attn.forward_decode(x, ctx_rows, lp, valid, state)
         for name, r in rows.items():
             new_rows[name].append(r)
         h = h + attn

@@ -70,17 +70,18 @@ class GQAAttention:
 
     # --- decode step as one tensor function (runtime/models/decode_step.py) ---------------------
 
-    def forward_decode(self, x, ctx_rows, planes, is_new, valid, state):
+    def forward_decode(self, x, ctx_rows, planes, valid, state):
         """forward() for B single-token sequences over fixed-size gathered contexts, no host
-        sync. x [B, D]; ctx_rows / is_new / valid [B, C]; planes: name -> [rows, Hk, Dh] of this
-        layer. Returns (output [B, D], new rows {"k", "v": [B, Hk, Dh]} to store)."""
+        sync. x [B, D]; ctx_rows / valid [B, C]; state["positions"] [B]; planes: name ->
+        [rows, Hk, Dh] of this layer. Returns (output [B, D], new rows {"k", "v": [B, Hk, Dh]}
+        to store)."""
         from runtime.models.decode_step import gather_context
 
         cfg = self.cfg
         b, h, hk, dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = self._project(x, *state["cos_sin"])
-        keys = gather_context(planes["k"], ctx_rows, k, is_new)  # [B, C, Hk, Dh]
-        vals = gather_context(planes["v"], ctx_rows, v, is_new)
+        keys = gather_context(planes["k"], ctx_rows, k, state["positions"])  # [B, C, Hk, Dh]
+        vals = gather_context(planes["v"], ctx_rows, v, state["positions"])
         qs = q.view(b, hk, h // hk, dh)
         scores = torch.einsum("bkgd,bckd->bkgc", qs, keys).float() * dh**-0.5  # [B, Hk, G, C]
         probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)

@@ -110,10 +110,11 @@ class MLAAttention:
 
     # --- decode step as one tensor function (runtime/models/decode_step.py) ---------------------
 
-    def forward_decode(self, x, ctx_rows, planes, is_new, valid, state):
+    def forward_decode(self, x, ctx_rows, planes, valid, state):
         """forward() for B single-token sequences over fixed-size gathered contexts, no host
-        sync. x [B, D]; ctx_rows / is_new / valid [B, C]; planes: name -> [rows, *tail] of this
-        layer. Returns (output [B, D], new plane rows {name: [B, *tail]} to store)."""
+        sync. x [B, D]; ctx_rows / valid [B, C]; state["positions"] [B]; planes: name ->
+        [rows, *tail] of this layer. Returns (output [B, D], new plane rows {name: [B, *tail]}
+        to store)."""
         from runtime.models.decode_step import gather_context
 
         cfg = self.cfg
@@ -123,10 +124,10 @@ class MLAAttention:
         rows = {"latent": new_lat}
         if self.indexer is not None:
             rows["index_k"], state["sel"] = self._decode_select(
-                x, q_resid, ctx_rows, planes, is_new, valid, state
+                x, q_resid, ctx_rows, planes, valid, state
             )
         allowed = valid if state["sel"] is None else state["sel"]  # [B, C]
-        kv = gather_context(planes["latent"], ctx_rows, new_lat, is_new)  # [B, C, Kl+R]
+        kv = gather_context(planes["latent"], ctx_rows, new_lat, state["positions"])  # [B, C, Kl+R]
         # The contractions are written as broadcast products + sums, not einsum/bmm: compiled,
         # each fuses with its neighbours into one vectorised loop (ATen's bmm on these small,
         # strided batches cost ~100 us each at B = 8).
@@ -139,7 +140,7 @@ class MLAAttention:
         out = (o_lat[:, :, None, :] * self.w_uv[None]).sum(-1)  # [B, H, Vd]
         return linear(out.reshape(b, nh * cfg.v_head_dim), self.o_proj, self.o_bias), rows
 
-    def _decode_select(self, x, q_resid, ctx_rows, planes, is_new, valid, state):
+    def _decode_select(self, x, q_resid, ctx_rows, planes, valid, state):
         """The new indexer-key rows [B, Di] and the DSA selection mask [B, C] (top-k of the
         index scores among causal positions; every causal position while the context fits in
         index_topk, as _select's None)."""
@@ -147,7 +148,9 @@ class MLAAttention:
 
         cfg = self.cfg
         q, k, w = self._indexer_project(x, q_resid, *state["cos_sin"])  # [B, Hi, Di], [B, Di]
-        keys = gather_context(planes["index_k"], ctx_rows, k, is_new).float()  # [B, C, Di]
+        keys = gather_context(
+            planes["index_k"], ctx_rows, k, state["positions"]
+        ).float()  # [B, C, Di]
         scale = cfg.index_head_dim**-0.5
         scores = F.relu((q.float()[:, :, None, :] * keys[:, None]).sum(-1) * scale)  # [B, Hi, C]
         index_scores = (w[..., None] * scores).sum(1).masked_fill(~valid, float("-inf"))
