@@ -119,14 +119,15 @@ def _settle_cpu_graph(kv: KvscopeRunner, prompts: Prompts, n: int) -> dict | Non
         return None
     _log("compiling kvscope's CPU decode steps (AOTInductor, one library per shape bucket)")
     t0 = time.perf_counter()
-    for i in range(4):
-        if not g.wait_idle(1800):
-            raise KvscopeError("bench: compiling the CPU decode graph took over 30 min")
-        before = g.steps_eager
+    rounds = iter(range(4))
+
+    def workload() -> None:  # every timed shape, fresh prompts each round
+        i = next(rounds)
         for b in BATCHES:
             kv.run(prompts(40_000 + i * 10 + b, b), n)
-        if g.steps_eager == before or g.failed:
-            break
+
+    if not g.warm(workload):
+        raise KvscopeError("bench: compiling the CPU decode graph took over 30 min")
     if g.failed:
         _log(f"kvscope's CPU decode graph failed to compile, decode runs eagerly: {g.failed}")
     return {

@@ -75,19 +75,16 @@ def _run(model: str, base: EngineConfig, prompts, max_new: int) -> tuple[Engine,
 def _warm_cpu_graphs(model: str, cfg: EngineConfig, prompts, max_new: int, tmp: Path) -> None:
     """Compile the CPU decode buckets this workload steps through (runtime/models/cpu_graph.py;
     kept for the process) before anything is timed, so every timed run decodes compiled."""
-    for i in range(4):
-        e = Engine(model, replace(cfg, kv_disk=str(tmp / f"warm{i}")))
-        g = e.cpu_graph
-        if g is None:
-            e.close()
-            return
-        for p in prompts:
-            e.submit(prompt_ids=p, max_new_tokens=max_new, ignore_eos=True)
-        e.run_until_done()
-        g.wait_idle(1800)  # every bucket this run asked for lands in the process cache
-        e.close()
-        if g.steps_eager == 0 or g.failed:
-            return
+    e = Engine(model, replace(cfg, kv_disk=str(tmp / "warm")))
+    if e.cpu_graph is not None:
+
+        def workload() -> None:
+            for p in prompts:
+                e.submit(prompt_ids=p, max_new_tokens=max_new, ignore_eos=True)
+            e.run_until_done()
+
+        e.cpu_graph.warm(workload)
+    e.close()
 
 
 def pressure_config(probe: Engine, args, prompts, kv_dir: str) -> EngineConfig:

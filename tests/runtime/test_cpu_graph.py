@@ -196,3 +196,23 @@ def test_cpu_graph_off_and_ineligible(tiny_dsa, monkeypatch):
     assert Engine(tiny_dsa, EngineConfig(device="cpu", quant="int8")).cpu_graph is None
     monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "0")
     assert Engine(tiny_dsa, EngineConfig(device="cpu")).cpu_graph is None
+
+
+def test_warm_runs_the_workload_until_no_step_is_eager(tiny_dsa, monkeypatch):
+    """warm(): round 1 decodes eagerly and queues its bucket, round 2 runs compiled, then stops."""
+    monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
+    monkeypatch.setattr(CpuDecodeGraph, "_compile", _uncompiled)
+    engine = Engine(tiny_dsa, EngineConfig(device="cpu", page_size=PAGE))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (5, 9)]
+    rounds = []
+
+    def workload():
+        rounds.append(g_.steps_eager)
+        _generate(engine, prompts, 6)
+
+    g_ = engine.cpu_graph
+    assert g_.warm(workload)
+    assert len(rounds) == 2 and rounds[0] == 0 < rounds[1]  # eager, then all compiled
+    assert g_.buckets_ready == [bucket_of(2, 15)] and g_.steps_compiled >= 5
+    engine.close()
