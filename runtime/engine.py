@@ -84,7 +84,7 @@ class Engine:
         )
         self.pool, self.sched = self.kv.pool, self.kv.sched
         self.monitor.attach(self)
-        self.cpu_graph = self._cpu_graph(c)
+        self.runner = self._runner(c)
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
         self._active: dict[str, Request] = {}  # submitted, not finished
@@ -165,8 +165,7 @@ class Engine:
         with self._lock:
             self.monitor.land_all_late_writes()
             self.kv.close()
-            if self.cpu_graph is not None:
-                self.cpu_graph.close()
+            self.runner.close()
 
     # ---------------------------------------------------------------- stepping
     def _finish(self, req: Request, reason: str, status: str = "finished") -> TokenEvent:
@@ -247,33 +246,26 @@ class Engine:
                 self._prefill_rate = rate
             return events
 
-    def _cpu_graph(self, c: EngineConfig):
-        """The compiled-decode runner on CPU (runtime/models/cpu_graph.py), or None."""
-        from kernels.backend import use_triton
-        from runtime.models.cpu_graph import CpuDecodeGraph, cpu_graph_requested
-
-        if c.cpu_graph not in ("auto", "off"):
-            raise KvscopeError(f"--cpu-graph {c.cpu_graph}: choose auto or off")
-        if self.device.type != "cpu" or use_triton(self.device):
-            return None
-        if not cpu_graph_requested(c.cpu_graph):
-            return None
+    def _runner(self, c: EngineConfig):
+        """The model runner (runtime/models/runner.py): eager, CUDA graphs or compiled CPU
+        decode steps, keyed for sharing compiled steps across engines of this process."""
         from runtime.kv.stack import model_fingerprint
+        from runtime.models.runner import ModelRunner
 
         disk = self.kv.disk  # its fingerprint is the same hash: not computed twice
         key = (
             disk.fingerprint if disk else model_fingerprint(self.model_dir, self.dtype, c.page_size)
         )
-        g = CpuDecodeGraph(self.model, self.pool, key)
-        return g if g.enabled else None
+        return ModelRunner(self.model, self.pool, c.cpu_graph, key)
+
+    @property
+    def cpu_graph(self):
+        """The compiled CPU decode steps (runtime/models/cpu_graph.py), or None."""
+        return self.runner.cpu_graph
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Last-token logits [B, V]: a compiled decode bucket when one is ready, else eager."""
-        if self.cpu_graph is not None:
-            logits = self.cpu_graph.run(fb, self.pool)
-            if logits is not None:
-                return logits
-        return self.model.forward(fb, self.pool)
+        """Last-token logits [B, V] through the model runner."""
+        return self.runner.forward(fb)
 
     def _check_stall(self, batch) -> list[TokenEvent]:
         """Never spin forever: if nothing can run, nothing is in flight and nothing will land,
@@ -407,15 +399,5 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "page_size": str(self.config.page_size),
             "kv_pages": str(self.pool.num_slots),
-            "decode": self._decode_path(),
+            "decode": self.runner.describe(),
         }
-
-    def _decode_path(self) -> str:
-        """How decode steps run: through compiled CPU graphs (and which buckets are ready)."""
-        g = self.cpu_graph
-        if g is None:
-            return "kernels + CUDA graphs" if self.device.type == "cuda" else "eager"
-        if g.failed:
-            return "eager (CPU graph compile failed)"
-        ready = ", ".join(f"b{b}x{c}" for b, c in g.buckets_ready) or "compiling"
-        return f"compiled CPU graph ({ready})"

@@ -33,15 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from runtime.layersplit.attention import (
-    dsa_select,
-    gqa_attend,
-    gqa_project,
-    mla_attend,
-    mla_project,
-)
+from runtime.layersplit.attention import dsa_select, gqa_attend, mla_attend, project
 from runtime.layersplit.ownership import RankKV, layer_planes, owner_of
 from runtime.models.layers import linear, rms_norm
+from runtime.models.steps import TorchOps
 
 COUNTERS = ("bsent", "brecv", "gsent", "grecv", "hop_bytes", "hops", "prefill", "decode")
 
@@ -75,9 +70,8 @@ class RankWorker:
         return torch.empty((n, *tail), dtype=dtype or self.dtype, device=self.device)
 
     def _attn_layer(self, li: int, x: torch.Tensor, pos: torch.Tensor):
-        cos, sin = self.model.rope.cos_sin(pos, self.dtype)
-        attn = self.model.layers[li].attn
-        return (mla_project if self.cfg.is_mla else gqa_project)(attn, x, cos, sin)
+        ops = TorchOps(self.model.rope, pos, self.dtype)
+        return project(self.model.layers[li].attn, x, ops)
 
     def _mlp(self, li: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.model.layers[li]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,9 @@ from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.kv.pool import KVPool
 from runtime.models.batch import ForwardBatch
-from runtime.models.layers import DenseMLP, Experts, MoE, Router, linear, rms_norm
+from runtime.models.layers import DenseMLP, Experts, MoE, Router, linear
+from runtime.models.rope import RotaryTables
+from runtime.models.steps import EagerStep, KernelStep
 from runtime.weights import fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.expert_cache import slot_kernel
@@ -66,9 +69,6 @@ class WeightReader:
                 if scale is not None:
                     return fp8.Fp8BlockWeight(t.to(self.device), scale, self.fp8_block)
         return self.tensor(name, shape, dtype)
-
-    def maybe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None):
-        return self(name, shape, dtype) if self.ckpt.has(name) else None
 
 
 def load_mlp(w: WeightReader, prefix: str, d: int, i: int) -> DenseMLP:
@@ -127,6 +127,7 @@ class CausalLM:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         w = WeightReader(ckpt, dtype, self.device, plan)  # plan: runtime/weights/placement.py
         d, v = cfg.hidden_size, cfg.vocab_size
+        self.rope = RotaryTables(cfg, self.device)  # cos/sin of absolute positions
         self.embed = w("model.embed_tokens.weight", (v, d))
         self.norm = w("model.norm.weight", (d,))
         if cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
@@ -163,32 +164,67 @@ class CausalLM:
     def load_attention(self, w: WeightReader, layer: int, prefix: str):
         raise NotImplementedError
 
-    def new_layer_state(self, batch: ForwardBatch) -> dict:
-        """Per-forward scratch shared across layers (e.g. DSA top-k of the last full layer)."""
-        return {}
+    def run(self, input_ids: torch.Tensor, step) -> torch.Tensor:
+        """The one forward of the model: embedding -> layers -> norm -> LM head, through a step
+        backend (runtime/models/steps.py) that supplies the ops and the KV access. input_ids
+        [T]; returns fp32 logits [R, V] of the rows ``step.last_rows`` keeps."""
+        eps = self.cfg.rms_norm_eps
+        h = F.embedding(input_ids, self.embed)  # [T, D]
+        state: dict = {}  # carried across layers: the last full layer's DSA selection
+        residual = None
+        for li, layer in enumerate(self.layers):
+            x, residual = step.add_norm(h, residual, layer.input_norm, eps)
+            h = layer.attn.forward(x, step, li, state)
+            x, residual = step.add_norm(h, residual, layer.post_norm, eps)
+            h = layer.mlp(x, step)
+        h, residual = step.last_rows(h), step.last_rows(residual)
+        h, _ = step.add_norm(h, residual, self.norm, eps)
+        return linear(h, self.lm_head).float()
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: KVPool, all_logits: bool = False) -> torch.Tensor:
-        """Returns logits [B, V] for each sequence's last new token ([T, V] if all_logits).
+    def forward(
+        self,
+        batch: ForwardBatch,
+        pool: KVPool,
+        all_logits: bool = False,
+        kernels: bool | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, V] for each sequence's last new token ([T, V] if all_logits), eagerly:
+        through the Triton kernels (``kernels``; None asks kernels.backend: CUDA, or CPU with
+        KVSCOPE_TRITON_INTERPRET=1) or plain torch. Graph replays and compiled steps are the
+        model runner's (runtime/models/runner.py)."""
+        if kernels is None:
+            kernels = use_triton(self.device)
+        if kernels:
+            step = KernelStep.for_batch(self, batch, pool, all_logits)
+        else:
+            step = EagerStep(self, batch, pool, all_logits)
+        return self.run(batch.input_ids.to(self.device), step)
 
-        Through the Triton kernels when kernels.backend says so (CUDA; CPU only with
-        KVSCOPE_TRITON_INTERPRET=1): runtime/models/kernel_path.py. Otherwise plain torch below.
-        """
-        if use_triton(self.device):
-            from runtime.models import kernel_path
 
-            return kernel_path.forward(self, batch, pool, all_logits)
-        cfg = self.cfg
-        h = F.embedding(batch.input_ids.to(self.device), self.embed)  # [T, D]
-        state = self.new_layer_state(batch)
-        for li, layer in enumerate(self.layers):
-            residual = h
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            h = residual + layer.attn.forward(x, batch, pool, li, state)
-            residual = h
-            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            h = residual + layer.mlp(x)
-        if not all_logits:
-            h = h[batch.last_token_index().to(self.device)]
-        h = rms_norm(h, self.norm, cfg.rms_norm_eps)
-        return linear(h, self.lm_head).float()
+_MODEL_MODULES = (
+    "runtime.models.base",
+    "runtime.models.layers",
+    "runtime.models.glm_moe_dsa",
+    "runtime.models.glm4_moe",
+)
+
+
+def _plain(obj) -> bool:
+    """True when every weight under obj is a plain tensor (no quantized / offloaded weight
+    objects, whose calls may sync the host and cannot be captured or compiled)."""
+    if obj is None or isinstance(obj, torch.Tensor | int | float | bool | str):
+        return True
+    if isinstance(obj, ModelConfig | RotaryTables):
+        return True
+    if isinstance(obj, Experts):
+        return obj.stacked() is not None
+    if dataclasses.is_dataclass(obj) and type(obj).__module__ in _MODEL_MODULES:
+        return all(_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return False
+
+
+def graph_safe(model: CausalLM) -> bool:
+    """Whether a decode step of this model can be captured or compiled (plain weights)."""
+    tops = (model.embed, model.norm, model.lm_head)
+    return all(isinstance(t, torch.Tensor) for t in tops) and all(_plain(ly) for ly in model.layers)

@@ -1,4 +1,4 @@
-"""Compiled decode steps on CPU: the CPU counterpart of kernel_path.DecodeGraphs.
+"""Compiled decode steps on CPU: the CPU counterpart of cuda_graph.DecodeGraphs.
 
 On CPU a small model's decode step is bound by per-op dispatch (~640 aten ops of a few
 microseconds each for the demo model, docs/performance.md), not by arithmetic. Here a decode step
@@ -32,7 +32,7 @@ Invariants kept as in the eager path:
   at the tokens' own rows (pages this step is the registered writer of) right after it, before
   commit acks the write.
 
-Eligible: CPU model with plain weights (``kernel_path.graph_safe``: no quantized or offloaded
+Eligible: CPU model with plain weights (``base.graph_safe``: no quantized or offloaded
 experts), not on the Triton interpreter, every sequence decoding one token, last-token logits.
 Anything else runs the eager forward. EngineConfig.cpu_graph ("auto" | "off") or
 ``KVSCOPE_CPU_GRAPH=0`` turns it off.
@@ -52,10 +52,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from runtime.kv.pool import KVPool
+from runtime.models.base import graph_safe
 from runtime.models.batch import ForwardBatch
 from runtime.models.decode_step import decode_step, stored_layers
-from runtime.models.kernel_path import Reads, graph_safe
 from runtime.models.rope import RotaryTables
+from runtime.models.steps import Reads, read_every_plane
 
 if TYPE_CHECKING:
     from runtime.models.base import CausalLM
@@ -378,10 +379,7 @@ class CpuDecodeGraph:
         pos = torch.zeros(bb, dtype=torch.long)
         ids[:b] = batch.input_ids
         pos[:b] = batch.positions
-        reads = Reads(pool, batch)
-        for li, layer in enumerate(self.model.layers):  # every plane the step reads
-            for plane in layer.attn.read_planes(end):
-                reads(li, plane)
+        read_every_plane(self.model, Reads(pool, batch), end)  # every plane the step reads
         with torch.inference_mode():
             logits, new_rows = fn(self._step, ids, pos, ctx_rows, self._planes)
         for name, rows in new_rows.items():  # the new tokens' rows, into their own pages

@@ -12,9 +12,10 @@ step; they are not in the pool yet): the step never writes the pool. It returns 
 [B, V] (fp32) and, per plane, the new rows [L, B, *tail] that the caller stores at the tokens'
 pool rows (kv/pool.py ``store_rows``) after the step.
 
-Math is the torch path's (runtime/models/glm_moe_dsa.py, glm4_moe.py, layers.py) on a fixed-size
-context with masks, so greedy tokens equal the eager path's; tests/runtime/test_cpu_graph.py
-holds the two together.
+The model's one forward (``CausalLM.run``) runs over ``GatheredDecodeStep``, a step backend
+(runtime/models/steps.py) whose attention reads fixed-size gathered contexts with masks and
+whose ``store`` collects the new rows instead of writing the pool; greedy tokens equal the
+eager path's; tests/runtime/test_cpu_graph.py holds the two together.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from runtime.models.layers import DenseMLP, MoE, linear, rms_norm
+from runtime.models.layers import Experts, MoE
+from runtime.models.steps import TorchOps
 
 if TYPE_CHECKING:
     from runtime.models.base import CausalLM
@@ -43,13 +45,15 @@ def gather_context(plane: torch.Tensor, ctx_rows: torch.Tensor, new: torch.Tenso
     return ctx.index_put((torch.arange(b, device=ctx.device), positions), new.to(ctx.dtype))
 
 
-def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE for a few tokens without host syncs: each token's selected experts are applied
-    through gathered weights (fused multiply + sum when compiled); or, once B*K >= 4E (the
-    gathers would read each expert several times over), every expert runs on every token and
-    the routing weights (zero for unselected experts) combine them."""
-    weights, ids = moe.router(x)  # [B, K] fp32, [B, K]
-    gu_all, dn_all = moe.experts.stacked()  # [E, 2I, D], [E, D, I]
+def routed_decode(
+    experts: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Routed experts for a few tokens without host syncs: x [B, D], weights / ids [B, K] ->
+    [B, D]. Each token's selected experts are applied through gathered weights (fused multiply
+    + sum when compiled); or, once B*K >= 4E (the gathers would read each expert several times
+    over), every expert runs on every token and the routing weights (zero for unselected
+    experts) combine them."""
+    gu_all, dn_all = experts.stacked()  # [E, 2I, D], [E, D, I]
     b, k = ids.shape
     e, i2 = gu_all.shape[0], gu_all.shape[1]
     if b * k < 4 * e:
@@ -62,23 +66,89 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         act = F.silu(gu[:, : i2 // 2]) * gu[:, i2 // 2 :]  # [B*K, I]
         out = (act[:, None, :] * dn_all[flat]).sum(-1)  # [B*K, D]
         out = (out * weights.reshape(-1, 1)).to(x.dtype)  # fp32 weights as the reference
-        y = out.view(b, k, -1).sum(dim=1)
-    else:
-        gu = torch.einsum("bd,efd->ebf", x, gu_all)  # [E, B, 2I]
-        act = F.silu(gu[..., : i2 // 2]) * gu[..., i2 // 2 :]
-        out = torch.bmm(act, dn_all.transpose(1, 2))  # [E, B, D]
-        dense_w = torch.zeros((b, e), dtype=weights.dtype, device=x.device)
-        dense_w = dense_w.scatter(1, ids, weights)  # [B, E]
-        y = (out * dense_w.t().unsqueeze(-1)).to(x.dtype).sum(dim=0)
-    if moe.shared is not None:
-        y = y + moe.shared(x)
-    return y
+        return out.view(b, k, -1).sum(dim=1)
+    gu = torch.einsum("bd,efd->ebf", x, gu_all)  # [E, B, 2I]
+    act = F.silu(gu[..., : i2 // 2]) * gu[..., i2 // 2 :]
+    out = torch.bmm(act, dn_all.transpose(1, 2))  # [E, B, D]
+    dense_w = torch.zeros((b, e), dtype=weights.dtype, device=x.device)
+    dense_w = dense_w.scatter(1, ids, weights)  # [B, E]
+    return (out * dense_w.t().unsqueeze(-1)).to(x.dtype).sum(dim=0)
 
 
-def mlp_decode(mlp, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(mlp, DenseMLP):
-        return mlp(x)
-    return moe_decode(mlp, x)
+def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE block of a decode step as GatheredDecodeStep runs it (x [B, D] -> [B, D])."""
+    return moe(x, GatheredDecodeStep)
+
+
+class GatheredDecodeStep(TorchOps):
+    """Step backend of one decode step over padded gathered contexts (see the module doc):
+    ctx_rows / valid [B, C]; ``planes``: name -> [L, rows, *tail]. ``store`` keeps the layer's
+    new rows (returned by ``decode_step``; the pool is never written here) and attention reads
+    them at column p_b of the gathered context."""
+
+    def __init__(self, model, positions, ctx_rows, planes: dict[str, torch.Tensor]):
+        super().__init__(model.rope, positions, model.dtype)
+        self.positions, self.ctx_rows, self.planes = positions, ctx_rows, planes
+        cols = torch.arange(ctx_rows.shape[1], device=ctx_rows.device)
+        self.valid = cols[None, :] <= positions[:, None]  # causal: [B, C]
+        self.new_rows: dict[str, list[torch.Tensor]] = {name: [] for name in planes}
+        self._current: dict[str, torch.Tensor] = {}  # this layer's new rows per plane
+
+    def store(self, layer, plane, rows):
+        self._current[plane] = rows
+        self.new_rows[plane].append(rows)
+
+    def _context(self, layer: int, plane: str) -> torch.Tensor:
+        """[B, C, *tail]: the plane's gathered context with the new rows at column p_b."""
+        return gather_context(
+            self.planes[plane][layer], self.ctx_rows, self._current[plane], self.positions
+        )
+
+    def dsa_topk(self, attn, layer, q, w):
+        """The DSA selection mask [B, C]: top-k of the index scores among causal positions, or
+        every causal position while the context fits in index_topk."""
+        cfg, valid = attn.cfg, self.valid
+        keys = self._context(layer, "index_k").float()  # [B, C, Di]
+        scale = cfg.index_head_dim**-0.5
+        scores = F.relu((q.float()[:, :, None, :] * keys[:, None]).sum(-1) * scale)  # [B, Hi, C]
+        index_scores = (w[..., None] * scores).sum(1).masked_fill(~valid, float("-inf"))
+        top = index_scores.topk(min(cfg.index_topk, valid.shape[1]), dim=-1).indices
+        sel = torch.zeros_like(valid).scatter(1, top, True) & valid
+        fits = (self.positions < cfg.index_topk)[:, None]  # context <= index_topk
+        return torch.where(fits, valid, sel)
+
+    def mla(self, attn, layer, q_nope, q_rope, sel):
+        b, kl = q_nope.shape[0], attn.cfg.kv_lora_rank
+        allowed = self.valid if sel is None else sel  # [B, C]
+        kv = self._context(layer, "latent")  # [B, C, Kl+R]
+        # The contractions are written as broadcast products + sums, not einsum/bmm: compiled,
+        # each fuses with its neighbours into one vectorised loop (ATen's bmm on these small,
+        # strided batches cost ~100 us each at B = 8).
+        q_lat = (q_nope[..., None] * attn.w_uk[None]).sum(2)  # [B, H, Kl]
+        q_abs = torch.cat([q_lat, q_rope], dim=-1)  # [B, H, Kl+R]
+        scores = (q_abs[:, :, None, :] * kv[:, None]).sum(-1).float() * attn.scaling  # [B, H, C]
+        scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q_rope.dtype)
+        o_lat = (probs[..., None] * kv[:, None, :, :kl]).sum(2)  # [B, H, Kl]
+        out = (o_lat[:, :, None, :] * attn.w_uv[None]).sum(-1)  # [B, H, Vd]
+        return out.reshape(b, -1)
+
+    def gqa(self, attn, layer, q):
+        b, h, dh = q.shape
+        keys = self._context(layer, "k")  # [B, C, Hk, Dh]
+        vals = self._context(layer, "v")
+        hk = keys.shape[2]
+        qs = q.view(b, hk, h // hk, dh)
+        scores = torch.einsum("bkgd,bckd->bkgc", qs, keys).float() * dh**-0.5  # [B, Hk, G, C]
+        probs = scores.masked_fill(~self.valid[:, None, None, :], float("-inf")).softmax(-1)
+        return torch.einsum("bkgc,bckd->bkgd", probs.to(q.dtype), vals).reshape(b, h * dh)
+
+    @staticmethod
+    def experts(experts, x, weights, ids):
+        return routed_decode(experts, x, weights, ids)
+
+    def last_rows(self, h):
+        return h
 
 
 def decode_step(
@@ -90,26 +160,9 @@ def decode_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One decode step of every sequence (see the module doc). Returns (logits [B, V] fp32,
     new rows per plane [Ln, B, *tail] for the layers listed by ``stored_layers(model)``)."""
-    cfg = model.cfg
-    c = ctx_rows.shape[1]
-    cols = torch.arange(c, device=ctx_rows.device)
-    valid = cols[None, :] <= positions[:, None]  # causal: [B, C]
-    cos_sin = model.rope.cos_sin(positions, model.dtype)
-    state = {"cos_sin": cos_sin, "positions": positions, "sel": None}
-    new_rows: dict[str, list[torch.Tensor]] = {name: [] for name in planes}
-    h = F.embedding(input_ids, model.embed)  # [B, D]
-    for li, layer in enumerate(model.layers):
-        x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-        lp = {name: t[li] for name, t in planes.items()}  # [rows, *tail] per plane
-        attn, rows = layer.attn.forward_decode(x, ctx_rows, lp, valid, state)
-        for name, r in rows.items():
-            new_rows[name].append(r)
-        h = h + attn
-        x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-        h = h + mlp_decode(layer.mlp, x)
-    h = rms_norm(h, model.norm, cfg.rms_norm_eps)
-    logits = linear(h, model.lm_head).float()
-    return logits, {name: torch.stack(rs) for name, rs in new_rows.items() if rs}
+    step = GatheredDecodeStep(model, positions, ctx_rows, planes)
+    logits = model.run(input_ids, step)
+    return logits, {name: torch.stack(rs) for name, rs in step.new_rows.items() if rs}
 
 
 def stored_layers(model: CausalLM) -> dict[str, list[int]]:
@@ -123,4 +176,11 @@ def stored_layers(model: CausalLM) -> dict[str, list[int]]:
     return {"latent": list(range(cfg.num_layers)), "index_k": full}
 
 
-__all__ = ["decode_step", "gather_context", "moe_decode", "stored_layers"]
+__all__ = [
+    "GatheredDecodeStep",
+    "decode_step",
+    "gather_context",
+    "moe_decode",
+    "routed_decode",
+    "stored_layers",
+]

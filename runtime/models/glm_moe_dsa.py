@@ -18,13 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import ops
 from runtime.config import ModelConfig
-from runtime.kv.pool import KVPool
 from runtime.models.base import CausalLM, WeightReader
-from runtime.models.batch import ForwardBatch, KernelMeta
-from runtime.models.layers import linear, rms_norm
-from runtime.models.rope import RotaryTables, rope_interleaved, yarn_mscale
+from runtime.models.layers import linear
+from runtime.models.rope import yarn_mscale
 
 NORM_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm and the indexer's k_norm use 1e-6 in GLM-5
 
@@ -41,7 +38,6 @@ class Indexer:
 @dataclass
 class MLAAttention:
     cfg: ModelConfig
-    rope: RotaryTables
     q_a: torch.Tensor  # [q_lora, D]
     q_a_bias: torch.Tensor | None
     q_a_norm: torch.Tensor  # [q_lora]
@@ -56,233 +52,60 @@ class MLAAttention:
     indexer: Indexer | None  # None on "shared" layers: reuse the last full layer's selection
     scaling: float
 
-    def _project(self, x, cos, sin):
-        """The torch path's projections of T tokens: q_resid [T, q_lora] (the indexer's input),
-        q_nope [T, H, Nd], q_rope [T, H, R] and the new latent-plane rows [T, Kl + R] =
-        (kv_a_layernorm(c_kv), rope(k_rot))."""
+    def project(self, x, ops):
+        """Projections of T tokens through a step backend's ops (runtime/models/steps.py):
+        q_resid [T, q_lora] (the indexer's input), q_nope [T, H, Nd], q_rope [T, H, R] and the
+        new latent-plane rows [T, Kl + R] = (kv_a_layernorm(c_kv), rope(k_rot))."""
         cfg = self.cfg
         t = x.shape[0]
         nh, nd, r, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        q_resid = rms_norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
+        q_resid = ops.norm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
         q = linear(q_resid, self.q_b).view(t, nh, nd + r)
-        q_nope, q_rope = q[..., :nd], rope_interleaved(q[..., nd:], cos, sin)
+        q_nope, q_rope = q[..., :nd], ops.rope_interleaved(q[..., nd:])
         ckv = linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl+R]
-        latent = rms_norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
-        new_lat = torch.cat([latent, rope_interleaved(ckv[:, kl:], cos, sin)], dim=-1)
+        latent = ops.norm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
+        new_lat = torch.cat([latent, ops.rope_interleaved(ckv[:, kl:])], dim=-1)
         return q_resid, q_nope, q_rope, new_lat
 
-    def forward(self, x, batch: ForwardBatch, pool: KVPool, layer: int, state: dict):
-        cfg = self.cfg
-        t = x.shape[0]
-        nh, kl = cfg.num_heads, cfg.kv_lora_rank
-        cos, sin = state["cos_sin"]
-        q_resid, q_nope, q_rope, new_lat = self._project(x, cos, sin)
-        pool.store(layer, "latent", batch.new_rows, new_lat)
-
-        if self.indexer is not None:
-            q_idx, w_idx = self._indexer_queries(x, q_resid, batch, pool, layer, cos, sin)
-        # Absorbed queries against the latent plane: q_abs [H, T, Kl+R] = (q_nope @ W_uk, q_rope)
-        q_abs = torch.cat(
-            [torch.bmm(q_nope.transpose(0, 1), self.w_uk), q_rope.transpose(0, 1)], dim=-1
-        )
-        out = torch.empty((nh, t, cfg.v_head_dim), dtype=x.dtype, device=x.device)
-        for si, seq in enumerate(batch.seqs):
-            for hook in batch.before_read:
-                hook(layer, "latent", si)
-            sl = slice(seq.offset, seq.offset + seq.n)
-            if self.indexer is not None:
-                sel = self._select(q_idx[sl], w_idx[sl], seq, pool, layer, batch, si)
-                state["topk"][si] = sel
-            else:
-                sel = state["topk"][si]
-            kv = pool.gather(layer, "latent", seq.ctx_rows)  # [c, Kl+R]
-            scores = torch.matmul(q_abs[:, sl], kv.t()).float() * self.scaling  # [H, n, c]
-            if seq.n > 1 or sel is not None:  # a lone last token sees every position
-                allowed = _causal(seq.start, seq.end, x.device)  # [n, c]
-                if sel is not None:
-                    allowed &= torch.zeros_like(allowed).scatter_(1, sel, True)
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = scores.softmax(dim=-1).to(x.dtype)
-            o_lat = torch.matmul(probs, kv[:, :kl])  # [H, n, Kl]
-            out[:, sl] = torch.bmm(o_lat, self.w_uv.transpose(1, 2))  # [H, n, Vd]
-        out = out.transpose(0, 1).reshape(t, nh * cfg.v_head_dim)
-        return linear(out, self.o_proj, self.o_bias)
-
-    # --- decode step as one tensor function (runtime/models/decode_step.py) ---------------------
-
-    def forward_decode(self, x, ctx_rows, planes, valid, state):
-        """forward() for B single-token sequences over fixed-size gathered contexts, no host
-        sync. x [B, D]; ctx_rows / valid [B, C]; state["positions"] [B]; planes: name ->
-        [rows, *tail] of this layer. Returns (output [B, D], new plane rows {name: [B, *tail]}
-        to store)."""
-        from runtime.models.decode_step import gather_context
-
-        cfg = self.cfg
-        b = x.shape[0]
-        nh, kl = cfg.num_heads, cfg.kv_lora_rank
-        q_resid, q_nope, q_rope, new_lat = self._project(x, *state["cos_sin"])
-        rows = {"latent": new_lat}
-        if self.indexer is not None:
-            rows["index_k"], state["sel"] = self._decode_select(
-                x, q_resid, ctx_rows, planes, valid, state
-            )
-        allowed = valid if state["sel"] is None else state["sel"]  # [B, C]
-        kv = gather_context(planes["latent"], ctx_rows, new_lat, state["positions"])  # [B, C, Kl+R]
-        # The contractions are written as broadcast products + sums, not einsum/bmm: compiled,
-        # each fuses with its neighbours into one vectorised loop (ATen's bmm on these small,
-        # strided batches cost ~100 us each at B = 8).
-        q_lat = (q_nope[..., None] * self.w_uk[None]).sum(2)  # [B, H, Kl]
-        q_abs = torch.cat([q_lat, q_rope], dim=-1)  # [B, H, Kl+R]
-        scores = (q_abs[:, :, None, :] * kv[:, None]).sum(-1).float() * self.scaling  # [B, H, C]
-        scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(x.dtype)
-        o_lat = (probs[..., None] * kv[:, None, :, :kl]).sum(2)  # [B, H, Kl]
-        out = (o_lat[:, :, None, :] * self.w_uv[None]).sum(-1)  # [B, H, Vd]
-        return linear(out.reshape(b, nh * cfg.v_head_dim), self.o_proj, self.o_bias), rows
-
-    def _decode_select(self, x, q_resid, ctx_rows, planes, valid, state):
-        """The new indexer-key rows [B, Di] and the DSA selection mask [B, C] (top-k of the
-        index scores among causal positions; every causal position while the context fits in
-        index_topk, as _select's None)."""
-        from runtime.models.decode_step import gather_context
-
-        cfg = self.cfg
-        q, k, w = self._indexer_project(x, q_resid, *state["cos_sin"])  # [B, Hi, Di], [B, Di]
-        keys = gather_context(
-            planes["index_k"], ctx_rows, k, state["positions"]
-        ).float()  # [B, C, Di]
-        scale = cfg.index_head_dim**-0.5
-        scores = F.relu((q.float()[:, :, None, :] * keys[:, None]).sum(-1) * scale)  # [B, Hi, C]
-        index_scores = (w[..., None] * scores).sum(1).masked_fill(~valid, float("-inf"))
-        top = index_scores.topk(min(cfg.index_topk, valid.shape[1]), dim=-1).indices
-        sel = torch.zeros_like(valid).scatter(1, top, True) & valid
-        fits = (state["positions"] < cfg.index_topk)[:, None]  # context <= index_topk
-        return k, torch.where(fits, valid, sel)
-
-    # --- kernel path (kernels.ops; see runtime/models/kernel_path.py) ---------------------------
-
-    def read_planes(self, max_len: int) -> list[str]:
-        """Planes forward_kernels reads for a step whose contexts are at most max_len long."""
-        full = self.indexer is not None and max_len > self.cfg.index_topk
-        return ["index_k", "latent"] if full else ["latent"]
-
-    def forward_kernels(self, x, km: KernelMeta, pool: KVPool, layer: int, state: dict, reads):
-        """forward() through the kernels for all T tokens at once: RoPE, page stores of the new
-        latent / indexer-key rows, DSA top-k, absorbed sparse MLA over the page tables."""
-        cfg = self.cfg
-        t = x.shape[0]
-        nh, nd, kl = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
-        cos, sin = state["cos_sin"]  # [T, R]
-        q_resid, _ = ops.rmsnorm(linear(x, self.q_a, self.q_a_bias), self.q_a_norm, NORM_EPS)
-        q = linear(q_resid, self.q_b).view(t, nh, -1)  # [T, H, Nd + R]
-        q_rope = ops.rope_interleave(q[..., nd:], cos, sin)  # [T, H, R]
-        ckv = linear(x, self.kv_a, self.kv_a_bias)  # [T, Kl + R]
-        latent, _ = ops.rmsnorm(ckv[:, :kl], self.kv_a_norm, NORM_EPS)
-        plane = pool.planes["latent"][layer]  # [slots, P, Kl + R]
-        ops.page_store(plane, km.slot_mapping, latent)
-        ops.page_store(plane, km.slot_mapping, ops.rope_interleave(ckv[:, kl:], cos, sin), kl)
-        if self.indexer is not None:
-            state["topk"] = self._select_kernels(x, q_resid, km, pool, layer, state, reads)
-        sel = state["topk"]
-        if sel is None:  # every causal position (row_limit cuts each row)
-            sel = state.get("all_pos")
-            if sel is None:
-                sel = state["all_pos"] = torch.arange(
-                    km.max_len, dtype=torch.int32, device=x.device
-                ).expand(t, km.max_len)
-        reads(layer, "latent")
-        out = ops.mla_decode(
-            q[..., :nd],
-            q_rope,
-            plane,
-            km.page_table,
-            sel,
-            self.w_uk,
-            self.w_uv,
-            scale=self.scaling,
-            row_seq=km.token_seq,
-            row_limit=km.token_limit,
-        )  # [T, H, Vd]
-        return linear(out.reshape(t, nh * cfg.v_head_dim), self.o_proj, self.o_bias)
-
-    def _select_kernels(self, x, q_resid, km: KernelMeta, pool, layer, state, reads):
-        """Stores the indexer keys; DSA top-k int32 [T, min(index_topk, max_len)] (-1 = unused),
-        or None when every context fits in index_topk (the selection is the causal set)."""
-        cfg, ix = self.cfg, self.indexer
-        t, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
-        cos, sin = state["cos_sin"]
-        k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
-        k = torch.cat([ops.rope_interleave(k[:, :r], cos, sin), k[:, r:]], dim=-1)
-        k_plane = pool.planes["index_k"][layer]  # [slots, P, Di]
-        ops.page_store(k_plane, km.slot_mapping, k)
-        if km.max_len <= cfg.index_topk:
-            return None
-        q = linear(q_resid, ix.wq_b).view(t, hi, di)
-        q = torch.cat([ops.rope_interleave(q[..., :r], cos, sin), q[..., r:]], dim=-1)
-        w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
-        reads(layer, "index_k")
-        return ops.dsa_indexer_topk(
-            q,
-            w.contiguous(),
-            k_plane,
-            km.page_table,
-            km.token_seq,
-            km.token_limit,
-            scale=di**-0.5,
-            topk=cfg.index_topk,
-            max_len=km.max_len,
-        )
-
-    def _indexer_project(self, x, q_resid, cos, sin):
-        """The torch path's indexer projections of T tokens: queries [T, Hi, Di], the new
-        indexer-key rows [T, Di] (LayerNorm, interleaved RoPE on the first R channels) and the
-        head weights [T, Hi] (fp32)."""
+    def indexer_project(self, x, q_resid, ops):
+        """The DSA indexer's projections of T tokens: queries [T, Hi, Di], the new indexer-key
+        rows [T, Di] (LayerNorm, interleaved RoPE on the first R channels) and the head weights
+        [T, Hi] (fp32)."""
         cfg, ix = self.cfg, self.indexer
         t, hi, di, r = x.shape[0], cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         q = linear(q_resid, ix.wq_b).view(t, hi, di)
-        q = torch.cat([rope_interleaved(q[..., :r], cos, sin), q[..., r:]], dim=-1)
+        q = torch.cat([ops.rope_interleaved(q[..., :r]), q[..., r:]], dim=-1)
         k = F.layer_norm(linear(x, ix.wk), (di,), ix.k_norm_w, ix.k_norm_b, NORM_EPS)  # [T, Di]
-        k = torch.cat([rope_interleaved(k[:, :r], cos, sin), k[:, r:]], dim=-1)
+        k = torch.cat([ops.rope_interleaved(k[:, :r]), k[:, r:]], dim=-1)
         w = linear(x.to(ix.weights_proj.dtype), ix.weights_proj).float() * (hi**-0.5)
         return q, k, w
 
-    def _indexer_queries(self, x, q_resid, batch, pool, layer, cos, sin):
-        """Indexer queries [T, Hi, Di], head weights [T, Hi] (fp32); stores the key plane."""
-        q, k, w = self._indexer_project(x, q_resid, cos, sin)
-        pool.store(layer, "index_k", batch.new_rows, k)
-        return q, w
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention output [T, H*Vd] -> [T, D]."""
+        return linear(o, self.o_proj, self.o_bias)
 
-    def _select(self, q_idx, w_idx, seq, pool, layer, batch, si):
-        """DSA top-k positions [n, k] for one sequence, or None when every causal position
-        fits in index_topk (the selection is then the full causal set)."""
-        if seq.end <= self.cfg.index_topk:
-            return None
-        for hook in batch.before_read:
-            hook(layer, "index_k", si)
-        keys = pool.gather(layer, "index_k", seq.ctx_rows).float()  # [c, Di]
-        scale = self.cfg.index_head_dim**-0.5
-        scores = F.relu(torch.einsum("nhd,cd->nhc", q_idx.float(), keys) * scale)  # [n, Hi, c]
-        index_scores = torch.einsum("nh,nhc->nc", w_idx, scores)  # [n, c]
-        causal = _causal(seq.start, seq.end, q_idx.device)
-        index_scores = index_scores.masked_fill(~causal, float("-inf"))
-        return index_scores.topk(self.cfg.index_topk, dim=-1).indices  # [n, k]
+    def forward(self, x, step, layer: int, state: dict):
+        """MLA + DSA for the step's T tokens x [T, D] -> [T, D]. The new latent (and indexer-key)
+        rows are stored first; a full layer's DSA selection is kept in state["sel"] for the
+        shared layers after it."""
+        q_resid, q_nope, q_rope, new_lat = self.project(x, step)
+        step.store(layer, "latent", new_lat)
+        if self.indexer is not None:
+            q, k, w = self.indexer_project(x, q_resid, step)
+            step.store(layer, "index_k", k)
+            state["sel"] = step.dsa_topk(self, layer, q, w)
+        return self.output(step.mla(self, layer, q_nope, q_rope, state.get("sel")))
 
-
-def _causal(start: int, end: int, device) -> torch.Tensor:
-    """[n, c] bool: new token at position start+i may attend to positions <= start+i."""
-    q_pos = torch.arange(start, end, device=device)[:, None]
-    return torch.arange(end, device=device)[None, :] <= q_pos
+    def read_planes(self, max_len: int) -> list[str]:
+        """Planes a step whose contexts are at most max_len long reads (the indexer keys only
+        once some context is longer than index_topk)."""
+        full = self.indexer is not None and max_len > self.cfg.index_topk
+        return ["index_k", "latent"] if full else ["latent"]
 
 
 class GlmMoeDsaForCausalLM(CausalLM):
-    def new_layer_state(self, batch: ForwardBatch) -> dict:
-        cos_sin = self.rope.cos_sin(batch.positions.to(self.device), self.dtype)
-        return {"cos_sin": cos_sin, "topk": [None] * len(batch.seqs)}
-
     def load_attention(self, w: WeightReader, layer: int, prefix: str) -> MLAAttention:
         cfg = self.cfg
-        if not hasattr(self, "rope"):
-            self.rope = RotaryTables(cfg, self.device)
         d, h = cfg.hidden_size, cfg.num_heads
         ql, kl, r = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         nd, vd = cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -305,7 +128,6 @@ class GlmMoeDsaForCausalLM(CausalLM):
         bias = cfg.attention_bias
         return MLAAttention(
             cfg=cfg,
-            rope=self.rope,
             q_a=w(f"{prefix}.q_a_proj.weight", (ql, d)),
             q_a_bias=w(f"{prefix}.q_a_proj.bias", (ql,)) if bias else None,
             q_a_norm=w(f"{prefix}.q_a_layernorm.weight", (ql,)),

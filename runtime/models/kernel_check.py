@@ -1,4 +1,4 @@
-"""Whole-model check: the kernel path (runtime/models/kernel_path.py) against the torch path.
+"""Whole-model check: the kernel step (runtime/models/steps.py KernelStep) against the torch path.
 
 `compare(arch, dtype, device)` writes a tiny checkpoint (runtime/weights/tiny.py), runs the torch
 reference path on CPU with greedy decoding (a batched prefill of several sequences over scattered
@@ -34,6 +34,7 @@ from runtime.config import load_config
 from runtime.kv.pool import KVPool, token_rows
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
+from runtime.models.runner import ModelRunner
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.tiny import write_tiny
 
@@ -86,17 +87,23 @@ def _batch(tokens, ends, first, pages, device) -> ForwardBatch:
     )
 
 
-def _steps(model, cfg, dtype, device, tokens, prompt_lens, steps, pages, greedy, timings=None):
-    """Prefill then `steps` decode steps; greedy appends the argmax to `tokens`. Returns CPU
-    fp32 logits [B, V] per step; `timings` (a list) gets the seconds of decode steps 2.."""
+def _steps(
+    model, cfg, dtype, device, tokens, prompt_lens, steps, pages, greedy, timings=None, graphs=True
+):
+    """Prefill then `steps` decode steps through a model runner (CUDA graphs on CUDA unless
+    ``graphs`` is False); greedy appends the argmax to `tokens`. Returns (CPU fp32 logits
+    [B, V] per step, the runner); `timings` (a list) gets the seconds of decode steps 2.."""
     slots = max(max(p) for p in pages) + 1
     pool = KVPool(cfg.num_layers, slots, PAGE, cfg.plane_widths(), dtype, device)
+    runner = ModelRunner(model, pool, cpu_graph="off")
+    if runner.cuda_graphs is not None and not graphs:
+        runner.cuda_graphs.enabled = False
     out = []
     for step in range(steps + 1):
         ends = [n + step for n in prompt_lens]
         batch = _batch(tokens, ends, step == 0, pages, device)
         t0 = time.perf_counter()
-        logits = model.forward(batch, pool)
+        logits = runner.forward(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= 2 and timings is not None:  # step 1 may capture a graph
@@ -105,7 +112,7 @@ def _steps(model, cfg, dtype, device, tokens, prompt_lens, steps, pages, greedy,
         if greedy and step < steps:
             for b, t in enumerate(tokens):
                 t.append(int(out[-1][b].argmax()))
-    return out
+    return out, runner
 
 
 @dataclass
@@ -152,25 +159,33 @@ def compare(
         pages.append(perm[used : used + k].tolist())
         used += k
     with _dispatch(False):
-        ref = _steps(
+        ref, _ = _steps(
             ref_model, cfg, dtype, torch.device("cpu"), tokens, prompt_lens, steps, pages, True
         )
     t_graph: list[float] = []
     t_eager: list[float] = []
     with _dispatch(device.type == "cpu"):
-        ker = _steps(
+        ker, runner = _steps(
             dev_model, cfg, dtype, device, tokens, prompt_lens, steps, pages, False, t_graph
         )
-        graphs = getattr(dev_model, "_decode_graphs", None)
+        graphs = runner.cuda_graphs
         n_graphs = len(graphs.graphs) if graphs is not None else 0
         graph_err = 0.0
         if graphs is not None:  # CUDA: the same steps eagerly, graphs off
-            graphs.enabled = False
-            eager = _steps(
-                dev_model, cfg, dtype, device, tokens, prompt_lens, steps, pages, False, t_eager
+            eager, _ = _steps(
+                dev_model,
+                cfg,
+                dtype,
+                device,
+                tokens,
+                prompt_lens,
+                steps,
+                pages,
+                False,
+                t_eager,
+                graphs=False,
             )
             graph_err = max(float((a - b).abs().max()) for a, b in zip(ker, eager, strict=True))
-            graphs.enabled = True
         else:
             t_eager = t_graph
             t_graph = []

@@ -37,7 +37,7 @@ class DenseMLP:
     up: torch.Tensor  # [I, D]
     down: torch.Tensor  # [D, I]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step=None) -> torch.Tensor:
         return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
@@ -174,11 +174,17 @@ class MoE:
     experts: Experts
     shared: DenseMLP | None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step=None) -> torch.Tensor:
+        """x [T, D] -> [T, D]. The routed experts run through the step backend's ``experts``
+        (runtime/models/steps.py); without one, through the fused kernel when kernels.backend
+        picks Triton for x's device, else the per-expert loop."""
         weights, ids = self.router(x)
-        y = self.experts.fused_kernel(x, weights, ids) if use_triton(x.device) else None
-        if y is None:  # torch path (CPU default), or experts the kernel does not take
-            y = self.experts(x, weights, ids)
+        if step is not None:
+            y = step.experts(self.experts, x, weights, ids)
+        else:
+            y = self.experts.fused_kernel(x, weights, ids) if use_triton(x.device) else None
+            if y is None:  # torch path (CPU default), or experts the kernel does not take
+                y = self.experts(x, weights, ids)
         if self.shared is not None:
             y = y + self.shared(x)
         return y

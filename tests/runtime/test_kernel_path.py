@@ -39,7 +39,7 @@ from runtime.config import load_config
 from runtime.kv.pool import KVPool, token_rows
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
-from runtime.models.kernel_path import DecodeGraphs
+from runtime.models.cuda_graph import DecodeGraphs
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.tiny import write_tiny
 
