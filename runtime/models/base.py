@@ -19,7 +19,12 @@ from runtime.models.steps import EagerStep, KernelStep
 from runtime.weights import fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.expert_cache import slot_kernel
-from runtime.weights.quant import is_linear_weight, quantize_weight, resident_experts
+from runtime.weights.quant import (
+    HEAD_METHOD,
+    is_linear_weight,
+    quantize_weight,
+    resident_experts,
+)
 
 
 class WeightReader:
@@ -134,6 +139,8 @@ class CausalLM:
             self.lm_head = self.embed
         else:
             self.lm_head = w("lm_head.weight", (v, d))
+        if w.quant != "none":  # the LM head in int8 under any --quant (runtime/weights/quant.py)
+            self.lm_head = quantize_weight(self.lm_head, HEAD_METHOD)
         self.layers: list[DecoderLayer] = []
         for li in range(cfg.num_layers):  # MTP layers (index >= num_layers) stay unloaded
             p = f"model.layers.{li}"

@@ -26,7 +26,13 @@ from runtime.config import ModelConfig
 from runtime.errors import KvscopeError
 from runtime.weights import fp8
 from runtime.weights.checkpoint import Checkpoint
-from runtime.weights.quant import ExpertFormat, check_method, is_linear_weight, linear_nbytes
+from runtime.weights.quant import (
+    HEAD_METHOD,
+    ExpertFormat,
+    check_method,
+    is_linear_weight,
+    linear_nbytes,
+)
 
 TIERS = ("auto", "host", "mmap")
 POLICIES = ("lru", "lfu")
@@ -133,8 +139,12 @@ def footprint(
                 layers[li] += n
         elif name.startswith("model.embed_tokens."):
             embed += n
+        elif name == "lm_head.weight" and quant != "none" and len(shape) == 2:
+            head += linear_nbytes(shape[0], shape[1], HEAD_METHOD, dtype)  # stored int8
         else:
             head += n
+    if quant != "none" and cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
+        head += linear_nbytes(cfg.vocab_size, cfg.hidden_size, HEAD_METHOD, dtype)  # a copy
     fmt = ExpertFormat(quant, dtype, cfg.hidden_size, cfg.moe_intermediate_size)
     n_moe = sum(t == "sparse" for t in cfg.mlp_layer_types)
     return Footprint(embed, head, tuple(layers), fmt.nbytes, n_moe * cfg.n_routed_experts)

@@ -10,11 +10,17 @@ Methods (``--quant``):
   row-wise absmax fp16 activations, int8 GEMM, fp32 dequant).
 - ``int4``: group-wise asymmetric int4 (group 128 along the input dim, fp16 scales and integer
   zero points), layout in ``kernels.int4_moe``; routed experts run the fused w4a16 Triton kernel
-  on CUDA and its torch reference on CPU, dense weights dequantize per call.
+  on CUDA, dense weights dequantize per call there.
+
+On CPU, int8 and int4 weights compute through torch's packed weight-only kernels, repacked once
+at load (runtime/weights/quant_cpu.py): bitsandbytes int8 weights call the int8 kernel on their
+own bytes, int4 weights whose shape the kernel takes are retiled (others dequantize per call).
 
 What is quantized: the linear weights of attention, dense MLPs, shared experts and routed experts
-(names in LINEAR_SUFFIXES). Embeddings, the LM head, norms, the router and the DSA indexer's
-head-weight projection stay in the compute dtype.
+(names in LINEAR_SUFFIXES), and the LM head, which every method stores as int8 (``HEAD_METHOD``:
+llama.cpp likewise keeps its output layer at 6-8 bits; at a 32 k vocabulary it is the largest
+single read of a decode step). Embeddings (one row read per token), norms, the router and the
+DSA indexer's head-weight projection stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from runtime.errors import KvscopeError
 
 METHODS = ("none", "nf4", "int8", "int4")
+HEAD_METHOD = "int8"  # the LM head's format under any --quant but none
 INT4_GROUP = 128
 INT4_SCALE_DTYPE = torch.float16
 
@@ -127,12 +134,21 @@ def int4_moe_op(gate_up: Int4Stack, down: Int4Stack):
     return run
 
 
-def quantize_weight(w: torch.Tensor, method: str):
-    """W [out, in] in the compute dtype -> a weight usable with linear() (W itself for none)."""
+def quantize_weight(w: torch.Tensor, method: str, storage: bool = False):
+    """W [out, in] in the compute dtype -> a weight usable with linear() (W itself for none).
+    On CPU, int4 weights the packed CPU kernel takes come back in its layout (quant_cpu.py);
+    ``storage`` asks for the device-independent record format instead (ExpertFormat)."""
     if method == "none":
         return w
     if method == "int4":
-        return Int4Weight(_int4().quantize_int4(w, INT4_GROUP, INT4_SCALE_DTYPE))
+        packed = _int4().quantize_int4(w, INT4_GROUP, INT4_SCALE_DTYPE)
+        if w.device.type == "cpu" and not storage:
+            from runtime.weights.quant_cpu import Int4CpuLinear
+
+            fast = Int4CpuLinear.from_packed(packed)
+            if fast is not None:
+                return fast
+        return Int4Weight(packed)
     from runtime.weights import quant_bnb
 
     if method == "nf4":
@@ -140,12 +156,6 @@ def quantize_weight(w: torch.Tensor, method: str):
     if method == "int8":
         return quant_bnb.Int8Weight.quantize(w)
     raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
-
-
-def weight_nbytes(w) -> int:
-    if isinstance(w, torch.Tensor):
-        return w.numel() * w.element_size()
-    return int(w.nbytes)
 
 
 def linear_nbytes(out_f: int, in_f: int, method: str, dtype: torch.dtype) -> int:
@@ -206,7 +216,7 @@ class ExpertFormat:
     def encode(self, gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         rec: dict[str, torch.Tensor] = {}
         for part, w in (("gate_up", gate_up), ("down", down)):
-            q = quantize_weight(w.to(self.dtype).contiguous(), self.method)
+            q = quantize_weight(w.to(self.dtype).contiguous(), self.method, storage=True)
             if isinstance(q, torch.Tensor):
                 rec[part] = q
             else:
@@ -240,10 +250,22 @@ class ExpertFormat:
 
 def resident_experts(gate_up: torch.Tensor, down: torch.Tensor, method: str) -> dict:
     """Fields of `layers.Experts` for routed experts kept on the compute device, quantized with
-    ``method``: stacked tensors (none), an Int4Stack pair + the fused op (int4), or per-expert
-    bitsandbytes weights (nf4, int8)."""
+    ``method``: stacked tensors (none), an Int4Stack pair + the fused op (int4 on CUDA, or on CPU
+    when the packed CPU kernel cannot take the shapes), or per-expert weights for linear() (nf4,
+    int8, int4 on CPU: the expert loop then reads each selected expert once per step)."""
     if method == "none":
         return {"gate_up": gate_up, "down": down}
+    if method == "int4" and gate_up.device.type == "cpu":
+        from runtime.weights.quant_cpu import Int4CpuLinear
+
+        e, n2, d = gate_up.shape
+        if Int4CpuLinear.supports(n2, d, int4_group(d)) and Int4CpuLinear.supports(
+            down.shape[1], down.shape[2], int4_group(down.shape[2])
+        ):
+            return {
+                "gate_up": [quantize_weight(w, method) for w in gate_up],
+                "down": [quantize_weight(w, method) for w in down],
+            }
     if method == "int4":
         gu = Int4Stack(_int4().quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
         dn = Int4Stack(_int4().quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))

@@ -84,10 +84,13 @@ class Nf4Weight:
 
 
 class Int8Weight:
-    """W [out, in] as LLM.int8(): ``cb`` int8 [out, in], ``scb`` fp32 [out] row absmax."""
+    """W [out, in] as LLM.int8(): ``cb`` int8 [out, in], ``scb`` fp32 [out] row absmax. On CUDA
+    bitsandbytes' int8 GEMM (activations quantized per row); on CPU torch's weight-only int8
+    kernel over the same bytes (runtime/weights/quant_cpu.py)."""
 
     def __init__(self, cb: torch.Tensor, scb: torch.Tensor):
         self.cb, self.scb = cb, scb
+        self._cpu = None  # quant_cpu.Int8CpuLinear over cb, built on the first CPU call
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int8Weight:
@@ -110,7 +113,19 @@ class Int8Weight:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"cb": self.cb, "scb": self.scb}
 
+    def dequantize(self) -> torch.Tensor:
+        """W [out, in] fp32 as the CPU kernel applies it (bf16 row scales)."""
+        from runtime.weights.quant_cpu import Int8CpuLinear
+
+        return Int8CpuLinear(self.cb, self.scb / 127.0).dequantize()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":  # torch's weight-only int8 kernel on these same bytes
+            if self._cpu is None:
+                from runtime.weights.quant_cpu import Int8CpuLinear
+
+                self._cpu = Int8CpuLinear(self.cb, self.scb / 127.0)
+            return self._cpu(x)
         bnb = _bnb()
         x2 = x.reshape(-1, x.shape[-1])
         ca, sca, _ = bnb.functional.int8_vectorwise_quant(x2.to(torch.float16).contiguous())

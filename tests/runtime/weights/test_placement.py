@@ -15,6 +15,7 @@ from runtime.engine import Engine, EngineConfig
 from runtime.errors import KvscopeError
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.placement import LoadOptions, WeightPlan, footprint, parse_expert_cache
+from runtime.weights.quant import linear_nbytes
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,10 @@ def test_footprint_counts_every_weight_once(tiny_dsa):
     assert fp.non_expert + fp.experts == total
     assert fp.num_experts == 3 * 8 and fp.expert == 3 * 24 * 48 * 4
     q = footprint(load_config(tiny_dsa), ck, torch.float32, "int4")
-    assert q.embed == fp.embed and q.head == fp.head  # embeddings and LM head stay full
+    assert q.embed == fp.embed  # embeddings stay full; the LM head is stored int8
+    cfg = load_config(tiny_dsa)
+    norm = cfg.hidden_size * 4
+    assert q.head == linear_nbytes(cfg.vocab_size, cfg.hidden_size, "int8", torch.float32) + norm
     assert q.expert < fp.expert / 5 and q.non_expert < fp.non_expert
 
 
