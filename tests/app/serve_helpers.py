@@ -1,0 +1,156 @@
+"""Helpers for the serve tests: a GLM-format test checkpoint, servers, a scripted engine.
+
+The checkpoint is a random tiny glm4_moe model with the demo's tokenizer and a chat template in
+GLM-4.5's format (tools in a system block, <tool_call>/<arg_key>/<arg_value>, <think>,
+<|observation|> tool results), written here: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from runtime.weights.tiny import write_tiny
+
+DEMO = Path(__file__).resolve().parents[2] / "assets" / "demo"
+
+GLM45_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+...
+</tool_call>
+{%- endif -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' -%}
+<|system|>
+{{ m.content }}
+{%- elif m.role == 'user' -%}
+<|user|>
+{{ m.content }}
+{%- elif m.role == 'assistant' -%}
+<|assistant|>
+{%- if m.reasoning_content -%}
+<think>{{ m.reasoning_content }}</think>
+{%- else -%}
+<think></think>
+{%- endif -%}
+{%- if m.content %}
+
+{{ m.content.strip() }}
+{%- endif -%}
+{%- if m.tool_calls -%}
+{%- for tc in m.tool_calls -%}
+{%- set f = tc.function if tc.function else tc %}
+
+<tool_call>{{ f.name }}
+{% for k, v in f.arguments.items() -%}
+<arg_key>{{ k }}</arg_key>
+<arg_value>{{ v if v is string else v | tojson(ensure_ascii=False) }}</arg_value>
+{% endfor -%}
+</tool_call>
+{%- endfor -%}
+{%- endif -%}
+{%- elif m.role == 'tool' -%}
+<|observation|>
+<tool_response>
+{{ m.content }}
+</tool_response>
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{%- endif -%}"""
+
+
+def write_glm_checkpoint(out: Path) -> Path:
+    """Tiny random glm4_moe weights + the demo tokenizer + the GLM-4.5-format template."""
+    write_tiny(out, "glm4_moe", vocab_size=4096)
+    shutil.copy(DEMO / "tokenizer.json", out / "tokenizer.json")
+    cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = GLM45_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UvicornThread:
+    """A real uvicorn server on 127.0.0.1:<ephemeral port> in a thread; stops on exit."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+            assert self.thread.is_alive(), "uvicorn exited"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class ScriptedEngine:
+    """TEST DOUBLE (tests only): a real Engine whose emitted *text* for scripted requests is
+    replaced by a fixed reply, cut into small deltas so tags split across events. Generation,
+    pages, usage and verdicts are the real engine's; only the text is scripted, because a random
+    model never writes a tool call by itself. It also records each prompt the server sent."""
+
+    def __init__(self, engine, script: str, chunk: int = 3):
+        self._engine, self.script, self.chunk = engine, script, chunk
+        self.prompts: dict[str, str] = {}
+        self._sent: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def submit(self, prompt=None, **kw):
+        rid = self._engine.submit(prompt, **kw)
+        self.prompts[rid], self._sent[rid] = prompt, 0
+        return rid
+
+    def step(self):
+        from dataclasses import replace
+
+        out = []
+        for ev in self._engine.step():
+            n = self._sent.get(ev.request_id)
+            if n is not None:
+                end = len(self.script) if ev.finished else n + self.chunk
+                ev = replace(ev, text=self.script[n:end])
+                self._sent[ev.request_id] = min(end, len(self.script))
+            out.append(ev)
+        return out
