@@ -34,7 +34,8 @@ def test_whole_reply_splits_reasoning_content_and_calls():
 
 def test_two_calls_and_no_args():
     r = parse_reply(
-        "<tool_call>now</tool_call><tool_call>f\n<arg_key>a</arg_key><arg_value>x y</arg_value></tool_call>"
+        "<tool_call>now</tool_call>"
+        "<tool_call>f\n<arg_key>a</arg_key><arg_value>x y</arg_value></tool_call>"
     )
     assert [c.name for c in r.tool_calls] == ["now", "f"]
     assert json.loads(r.tool_calls[0].arguments) == {}
