@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from runtime.weights.tiny import write_tiny
@@ -129,8 +130,8 @@ class ScriptedEngine:
     pages, usage and verdicts are the real engine's; only the text is scripted, because a random
     model never writes a tool call by itself. It also records each prompt the server sent."""
 
-    def __init__(self, engine, script: str, chunk: int = 3):
-        self._engine, self.script, self.chunk = engine, script, chunk
+    def __init__(self, engine, script: str, chunk: int = 3, when=lambda prompt: True):
+        self._engine, self.script, self.chunk, self.when = engine, script, chunk, when
         self.prompts: dict[str, str] = {}
         self._sent: dict[str, int] = {}
 
@@ -139,12 +140,12 @@ class ScriptedEngine:
 
     def submit(self, prompt=None, **kw):
         rid = self._engine.submit(prompt, **kw)
-        self.prompts[rid], self._sent[rid] = prompt, 0
+        self.prompts[rid] = prompt
+        if self.when(prompt):
+            self._sent[rid] = 0
         return rid
 
     def step(self):
-        from dataclasses import replace
-
         out = []
         for ev in self._engine.step():
             n = self._sent.get(ev.request_id)
@@ -154,3 +155,26 @@ class ScriptedEngine:
                 self._sent[ev.request_id] = min(end, len(self.script))
             out.append(ev)
         return out
+
+
+class SlowEngine:
+    """TEST DOUBLE (tests only): a real Engine whose steps take at least `delay_s`, so a
+    request stays in flight long enough to test overload and disconnects."""
+
+    def __init__(self, engine, delay_s: float = 0.03):
+        self._engine, self.delay_s = engine, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step(self):
+        time.sleep(self.delay_s)
+        return self._engine.step()
+
+
+def quiescent_pages(engine) -> None:
+    """After every request ended: each L1 page FREE or CACHED, refcount == owners == 0."""
+    for rec in engine.kv.alloc.records:
+        assert rec.state.value in ("FREE", "CACHED"), rec
+        assert rec.refcount == len(rec.owners) == 0 and not rec.writers, rec
+    engine.kv.sched.check_invariants()
