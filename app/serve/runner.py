@@ -16,10 +16,13 @@ import queue
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runtime.errors import KvscopeError
+from runtime.request import FINISHED
 from runtime.telemetry import TokenEvent
+
+KEEP_FINISHED = 64  # finished requests kept in the published snapshot
 
 
 class Overloaded(Exception):
@@ -198,6 +201,11 @@ class EngineRunner:
                 self.event_kinds[ev.kind] += 1
         if snap.integrity_events:
             self._last_event_t = max(self._last_event_t, snap.integrity_events[-1].time_s)
+        # The engine keeps every request it ever ran: publish the live ones + the latest
+        # finished ones, so the stream and the inspector stay small on a long-running server.
+        live = [r for r in snap.requests if r.status not in FINISHED]
+        done = [r for r in snap.requests if r.status in FINISHED][-KEEP_FINISHED:]
+        snap = replace(snap, requests=tuple(done + live))
         self.snapshot, self.snapshot_seq = snap, self.snapshot_seq + 1
 
     def _run(self) -> None:

@@ -103,3 +103,12 @@ def test_inspector_shows_the_pages_of_a_running_request(server):
         stop.set()
         remote.close()
         t.join(30)
+
+
+def test_attach_client_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, inspector.remote, inspector.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
