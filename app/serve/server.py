@@ -244,10 +244,12 @@ def create_app(engine, options: ServeOptions | None = None, runner: EngineRunner
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
+        watcher = asyncio.create_task(_watch_disconnect(request, ticket))
         try:
             text, o = await _collect(ticket)
         finally:
-            runner.abort(ticket)  # no-op once finished; a disconnect cancels us here
+            watcher.cancel()
+            runner.abort(ticket)  # no-op once finished
         if kind == "completion":
             choice = {"text": text, "logprobs": None, "finish_reason": render.finish_reason(o)}
             return env.reply(choice, o, ticket.request_id)
@@ -259,6 +261,14 @@ def create_app(engine, options: ServeOptions | None = None, runner: EngineRunner
             msg["tool_calls"] = [render.tool_call_json(c) for c in parsed.tool_calls]
         reason = render.finish_reason(o, bool(parsed.tool_calls))
         return env.reply({"message": msg, "finish_reason": reason}, o, ticket.request_id)
+
+    async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
+        """A non-streamed request whose client went away is aborted too."""
+        while not ticket.done:
+            if await request.is_disconnected():
+                runner.abort(ticket)
+                return
+            await asyncio.sleep(0.1)
 
     async def _guarded(ticket: Ticket, chunks):
         """Abort the request when the client goes away mid-stream (the response task is

@@ -201,3 +201,36 @@ def test_snapshot_stream_rebuilds_telemetry(client):
     snap = snapshot_from_json(json.loads(data[0]))
     assert snap.page_size == 4 and len(snap.pages) == client.engine.pool.num_slots
     assert {t.tier for t in snap.tiers} == {"L1", "L2", "L3"}
+
+
+class _Broken:
+    """TEST DOUBLE: a real Engine whose step() raises (a bug inside the engine)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step(self):
+        raise RuntimeError("boom")
+
+
+def test_timeouts_and_a_failing_engine_get_error_bodies(ckpt):
+    from tests.app.serve_helpers import SlowEngine
+
+    slow = SlowEngine(Engine(ckpt, EngineConfig(device="cpu", page_size=4)), 0.05)
+    opts = ServeOptions(model_name="glm-test", request_timeout_s=0.2)
+    body = {"model": "glm-test", "prompt": "a b c", "max_tokens": 64, "temperature": 0}
+    with TestClient(create_app(slow, opts)) as c:
+        err = _error(c.post("/v1/completions", json=body), 504)
+        assert err["code"] == "timeout"
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            events = _events(r)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "timeout"
+    broken = _Broken(Engine(ckpt, EngineConfig(device="cpu", page_size=4)))
+    with TestClient(create_app(broken, ServeOptions(model_name="glm-test"))) as c:
+        err = _error(c.post("/v1/completions", json=body), 500)
+        assert "boom" in err["message"] and err["type"] == "server_error"
+        assert c.get("/health").status_code == 503
+        _error(c.post("/v1/completions", json=body), 503)  # refused while unhealthy

@@ -210,3 +210,14 @@ def test_429_when_the_queue_is_full_then_disconnect_aborts(slow_server):
     # and the server still answers
     c = openai.OpenAI(base_url=slow_server.url + "/v1", api_key="none", max_retries=0)
     assert c.completions.create(model="glm-test", prompt="hi", max_tokens=2).choices
+
+
+def test_non_streamed_request_of_a_departed_client_is_aborted(slow_server):
+    runner = slow_server.runner
+    before = runner.finish_reasons["abort"]
+    body = {"model": "glm-test", "prompt": "a b c d", "max_tokens": 200, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(slow_server.url + "/v1/completions", json=body, timeout=0.5)
+    _wait(lambda: runner.in_flight == 0 and not slow_server.engine.has_work())
+    assert runner.finish_reasons["abort"] == before + 1
+    quiescent_pages(slow_server.engine)
