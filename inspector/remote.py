@@ -77,7 +77,7 @@ class AttachError(Exception):
 class RemoteEngine:
     """EngineProtocol over HTTP: snapshots from the server's stream, nothing else driven."""
 
-    def __init__(self, url: str, api_key: str | None = None, interval_s: float = 0.25):
+    def __init__(self, url: str, api_key: str | None = None, interval_s: float = 0.5):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.interval_s = interval_s

@@ -18,6 +18,7 @@ class LocalView:
         self.runner = runner
 
     def snapshot(self) -> EngineSnapshot:
+        self.runner.want_snapshots(1.0)  # the TUI polls at ~10 Hz: keep snapshots coming
         return self.runner.snapshot
 
     def model_info(self) -> dict[str, str]:

@@ -89,9 +89,13 @@ class EngineRunner:
         self.finish_reasons: Counter[str] = Counter()
         self.rejected = 0  # 429s
         self.steps = 0
-        # Telemetry: the engine thread takes a snapshot between steps every interval (another
-        # thread's snapshot() would mostly get the stale one while steps run back to back).
+        # Telemetry: the engine thread takes a snapshot between steps (another thread's
+        # snapshot() would mostly get the stale one while steps run back to back), but only
+        # on demand: a snapshot of the demo's 4096 pages costs ~40 ms, so it is taken every
+        # interval while someone watches (want_snapshots) or once when asked (request_snapshot).
         self.snapshot_interval_s = snapshot_interval_s
+        self._watch_until = 0.0
+        self._want_now = False
         self.snapshot = engine.snapshot()
         self.snapshot_seq = 0
         self.event_kinds: Counter[str] = Counter()  # integrity events by kind, cumulative
@@ -190,10 +194,21 @@ class EngineRunner:
         for rid in rids:
             self._deliver(rid, Failure(500, message, "server_error"), final=True)
 
+    def want_snapshots(self, seconds: float = 2.0) -> None:
+        """A watcher (snapshot stream, in-process TUI): publish every interval for `seconds`."""
+        self._watch_until = max(self._watch_until, time.monotonic() + seconds)
+
+    def request_snapshot(self) -> None:
+        """Publish one fresh snapshot at the next step boundary (e.g. for /metrics)."""
+        self._want_now = True
+        self._wake.set()
+
     def _maybe_snapshot(self) -> None:
         now = time.monotonic()
-        if now - self._snap_at < self.snapshot_interval_s:
+        due = now < self._watch_until and now - self._snap_at >= self.snapshot_interval_s
+        if not (due or self._want_now):
             return
+        self._want_now = False
         self._snap_at = now
         snap = self.engine.snapshot()
         for ev in snap.integrity_events:  # time-ordered; count each once

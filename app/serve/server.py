@@ -125,6 +125,11 @@ def create_app(engine, options: ServeOptions | None = None, runner: EngineRunner
 
     @app.get("/metrics")
     async def metrics():
+        seq = runner.snapshot_seq
+        runner.request_snapshot()
+        deadline = time.monotonic() + 1.0  # a step boundary; else the last published one
+        while runner.snapshot_seq == seq and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         text = prometheus_text(runner.snapshot, runner, engine)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
@@ -132,17 +137,30 @@ def create_app(engine, options: ServeOptions | None = None, runner: EngineRunner
     async def info():
         return engine.model_info()
 
+    encoded: dict[int, bytes] = {}  # snapshot seq -> its SSE line, shared by all watchers
+
+    async def _encoded(seq: int, snap) -> bytes:
+        if seq not in encoded:  # JSON of a 4096-page snapshot: ~0.1 s, off the event loop
+            line = await asyncio.to_thread(lambda: render.sse(json.dumps(asdict(snap))))
+            encoded.clear()
+            encoded[seq] = line
+        return encoded[seq]
+
     @app.get("/kvscope/v1/snapshots")
-    async def snapshots(request: Request, interval: float = 0.25, limit: int = 0):
+    async def snapshots(request: Request, interval: float = 0.5, limit: int = 0):
         """Server-sent events: one JSON EngineSnapshot per new telemetry snapshot."""
         period = min(max(interval, 0.05), 10.0)
 
         async def stream():
             seq, sent = -1, 0
+            runner.want_snapshots(2 * period + 1)
+            if limit:
+                runner.request_snapshot()
             while not await request.is_disconnected():
+                runner.want_snapshots(2 * period + 1)
                 if runner.snapshot_seq != seq:
                     seq, snap = runner.snapshot_seq, runner.snapshot
-                    yield render.sse(json.dumps(asdict(snap)))
+                    yield await _encoded(seq, snap)
                     sent += 1
                     if limit and sent >= limit:
                         return
