@@ -34,7 +34,8 @@ def test_load_32_clients_500_requests_with_disconnects():
     out = run_load(clients=32, requests=500, max_tokens=16)
     assert out["greedy_mismatches"] == 0, out
     assert out["completed"] + out["dropped_mid_stream"] == 500
-    assert out["dropped_mid_stream"] >= 60 and out["engine_aborts"] >= 60, out
+    assert out["dropped_mid_stream"] == 125, out  # every 4th request, before its last chunk
+    assert out["engine_aborts"] >= 100, out  # the rest had finished when the drop arrived
     assert out["prefix_hits_pages"]["L1"] > 0 and out["cached_prompt_tokens"] > 0, out
 
 

@@ -66,7 +66,7 @@ def _body(q: str, max_tokens: int, stream: bool) -> dict:
     }
 
 
-async def _one(client, url, q, max_tokens, mode, rng, stats):
+async def _one(client, url, q, max_tokens, mode, rng, stats, lengths):
     """mode: 'plain' | 'stream' | 'drop' (a stream the client abandons mid-way)."""
     t0 = time.perf_counter()
     while True:  # 429: back off and retry (counted)
@@ -89,7 +89,8 @@ async def _one(client, url, q, max_tokens, mode, rng, stats):
                 await asyncio.sleep(0.05)
                 continue
             r.raise_for_status()
-            cut = rng.randint(1, max_tokens) if mode == "drop" else None
+            # drop strictly inside the reply: before its last content chunk
+            cut = rng.randint(1, max(1, lengths[q] - 1)) if mode == "drop" else None
             parts, n, first = [], 0, None
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -112,7 +113,7 @@ async def _one(client, url, q, max_tokens, mode, rng, stats):
             return q, "".join(parts).strip()
 
 
-async def _load(url, clients, total, max_tokens, seed):
+async def _load(url, clients, total, max_tokens, seed, lengths):
     rng = random.Random(seed)
     plan = []
     for i in range(total):
@@ -131,7 +132,7 @@ async def _load(url, clients, total, max_tokens, seed):
             wrng = random.Random(seed * 1000 + k)
             while not queue.empty():
                 q, mode = queue.get_nowait()
-                results.append(await _one(client, url, q, max_tokens, mode, wrng, stats))
+                results.append(await _one(client, url, q, max_tokens, mode, wrng, stats, lengths))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(clients)))
@@ -140,13 +141,22 @@ async def _load(url, clients, total, max_tokens, seed):
 
 
 async def _isolated(url, max_tokens):
-    ref = {}
+    """Each question alone: its reply text and its number of streamed content chunks."""
+    ref, lengths = {}, {}
     async with httpx.AsyncClient(timeout=120) as client:
         for q in QUESTIONS:
             r = await client.post(url, json=_body(q, max_tokens, False))
             r.raise_for_status()
             ref[q] = r.json()["choices"][0]["message"]["content"] or ""
-    return ref
+            chunks = []
+            async with client.stream("POST", url, json=_body(q, max_tokens, True)) as s:
+                async for line in s.aiter_lines():
+                    if line.startswith("data: {"):
+                        c = json.loads(line[6:])
+                        if c["choices"] and "content" in c["choices"][0]["delta"]:
+                            chunks.append(c)
+            lengths[q] = len(chunks)
+    return ref, lengths
 
 
 def _pct(xs, p):
@@ -174,9 +184,9 @@ def run_load(clients=32, requests=500, max_tokens=16, seed=0, max_running=16) ->
     runner = app.state.runner
     with UvicornThread(app) as srv:
         url = srv.url + "/v1/chat/completions"
-        ref = asyncio.run(_isolated(url, max_tokens))
+        ref, lengths = asyncio.run(_isolated(url, max_tokens))
         hits0 = dict(engine.kv.tree.hits)
-        results, stats, wall = asyncio.run(_load(url, clients, requests, max_tokens, seed))
+        results, stats, wall = asyncio.run(_load(url, clients, requests, max_tokens, seed, lengths))
         deadline = time.monotonic() + 60
         while runner.in_flight or engine.has_work():
             assert time.monotonic() < deadline, "server did not go idle"
