@@ -65,6 +65,21 @@ def check_serve_args(args) -> None:
         raise KvscopeError(f"--request-timeout {args.request_timeout}: must be > 0")
 
 
+def check_bind(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound (one line, exit 2)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise KvscopeError(
+                f"--host {host} --port {port}: cannot bind ({e.strerror or e}); pick another --port"
+            ) from None
+
+
 def build_server(args):
     """(engine, app, options) for the parsed flags."""
     from app.cache_defaults import apply_cache_defaults
@@ -74,6 +89,7 @@ def build_server(args):
     from runtime.engine import Engine
 
     check_serve_args(args)
+    check_bind(args.host, args.port)
     apply_cache_defaults(args)
     cfg = engine_config(args)
     limits = Limits(
@@ -113,6 +129,10 @@ def cmd_serve(args) -> int:
 
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
+    while not server.started:  # the TUI only once the server listens
+        if not thread.is_alive():
+            raise KvscopeError(f"--port {args.port}: the server did not start")
+        thread.join(0.05)
     try:
         run_app(LocalView(app.state.runner), "inspect")
     finally:

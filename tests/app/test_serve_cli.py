@@ -35,6 +35,18 @@ def test_bad_serve_flags_one_line_exit_2(argv, needle, capsys):
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err
 
 
+def test_busy_port_is_a_one_line_error(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot bind" in err
+
+
 def test_demo_defaults_l2_l3_in_the_xdg_cache(tmp_path):
     args = build_parser().parse_args(["serve"])
     apply_cache_defaults(args)
