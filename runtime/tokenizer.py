@@ -34,6 +34,7 @@ class Tokenizer:
         if template is None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
         self.chat_template: str | None = template if isinstance(template, str) else None
+        self._template = None  # the compiled chat template, built on first use
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -59,11 +60,13 @@ class Tokenizer:
             raise TokenizerError(
                 "tokenizer_config.json has no chat_template; send 'prompt' instead"
             )
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        env.filters["tojson"] = _tojson  # HF templates pass ensure_ascii / indent
         try:
-            return env.from_string(self.chat_template).render(
+            if self._template is None:  # compiled once: a server renders it per request
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.globals["raise_exception"] = _raise
+                env.filters["tojson"] = _tojson  # HF templates pass ensure_ascii / indent
+                self._template = env.from_string(self.chat_template)
+            return self._template.render(
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,

@@ -146,7 +146,7 @@ def _common(body: dict, kind: str, models: tuple[str, ...], limits: Limits) -> d
         max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        seed=_int(body, "seed", -(1 << 63), (1 << 63) - 1),
+        seed=_int(body, "seed", 0, (1 << 63) - 1),
         stop=tuple(s for s in stop if s),
     )
 
