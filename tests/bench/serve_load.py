@@ -216,6 +216,7 @@ def run_load(clients=32, requests=500, max_tokens=16, seed=0, max_running=16) ->
         "max_running": max_running,
         "page_size": 8,
         "cpu_threads": os.cpu_count(),
+        "torch_threads": __import__("torch").get_num_threads(),
     }
 
 
