@@ -178,3 +178,67 @@ def quiescent_pages(engine) -> None:
         assert rec.state.value in ("FREE", "CACHED"), rec
         assert rec.refcount == len(rec.owners) == 0 and not rec.writers, rec
     engine.kv.sched.check_invariants()
+
+
+# GLM-4.7 / GLM-5 style: compact tool calls (no newlines) and a generation prompt that opens
+# the think block (`<|assistant|><think>`), so the reply starts inside the reasoning.
+GLM5_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>\
+...</tool_call>
+{%- endif -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' -%}
+<|system|>{{ m.content }}
+{%- elif m.role == 'user' -%}
+<|user|>{{ m.content }}
+{%- elif m.role == 'assistant' -%}
+<|assistant|>
+{%- if m.reasoning_content -%}
+<think>{{ m.reasoning_content }}</think>
+{%- else -%}
+<think></think>
+{%- endif -%}
+{%- if m.content -%}
+{{ m.content.strip() }}
+{%- endif -%}
+{%- if m.tool_calls -%}
+{%- for tc in m.tool_calls -%}
+{%- set f = tc.function if tc.function else tc -%}
+{{- '<tool_call>' ~ f.name -}}
+{%- for k, v in f.arguments.items() -%}
+<arg_key>{{ k }}</arg_key><arg_value>{{ v if v is string else v | tojson(ensure_ascii=False) }}\
+</arg_value>
+{%- endfor -%}
+</tool_call>
+{%- endfor -%}
+{%- endif -%}
+{%- elif m.role == 'tool' -%}
+<|observation|><tool_response>{{ m.content }}</tool_response>
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|><think>
+{%- endif -%}"""
+
+
+def write_glm5_style_checkpoint(out: Path) -> Path:
+    """Like write_glm_checkpoint, with the GLM-4.7/GLM-5 style template."""
+    write_glm_checkpoint(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = GLM5_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out

@@ -234,3 +234,38 @@ def test_timeouts_and_a_failing_engine_get_error_bodies(ckpt):
         assert "boom" in err["message"] and err["type"] == "server_error"
         assert c.get("/health").status_code == 503
         _error(c.post("/v1/completions", json=body), 503)  # refused while unhealthy
+
+
+def test_glm5_style_template_opens_think_and_compact_tool_calls(tmp_path):
+    """The template ends with `<|assistant|><think>`: the reply starts inside the reasoning.
+    The reply text is scripted (ScriptedEngine, a test double over the real engine)."""
+    from tests.app.serve_helpers import ScriptedEngine, write_glm5_style_checkpoint
+
+    ckpt = write_glm5_style_checkpoint(tmp_path / "glm5")
+    script = (
+        "Need the tool.</think>Checking.<tool_call>get_weather<arg_key>city</arg_key>"
+        "<arg_value>Oslo</arg_value><arg_key>days</arg_key><arg_value>[1, 2]</arg_value>"
+        "</tool_call>"
+    )
+    real = Engine(ckpt, EngineConfig(device="cpu", page_size=4))
+    engine = ScriptedEngine(real, script, chunk=5)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    body = _chat(tools=tools, max_tokens=40, model="glm5")
+    with TestClient(create_app(engine, ServeOptions(model_name="glm5"))) as c:
+        r = c.post("/v1/chat/completions", json=body).json()
+        prompt = next(iter(engine.prompts.values()))
+        assert prompt.endswith("<|assistant|><think>") and "<tools>" in prompt
+        msg = r["choices"][0]["message"]
+        assert msg["reasoning_content"] == "Need the tool."
+        assert msg["content"] == "Checking."
+        (call,) = msg["tool_calls"]
+        assert call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Oslo", "days": [1, 2]}
+        with c.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            chunks = [e for e in _events(s)[:-1] if e["choices"]]
+        deltas = [e["choices"][0]["delta"] for e in chunks]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "Need the tool."
+        assert "".join(d.get("content", "") for d in deltas) == "Checking."
+        calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+        assert [tc["function"]["name"] for tc in calls] == ["get_weather"]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("tool_calls", "length")
