@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
-.PHONY: install run test lint format bench gpu-check clean
+.PHONY: install run test test-slow serve-load lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ run: install
 
 test: install lint
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+
+# Tests marked slow that skip by default (the serve load and restart tests, ~1.5 min).
+test-slow: install
+	KVSCOPE_SLOW=1 $(BIN)/python -m pytest -q -x -p no:cacheprovider -m slow -s
+
+# The serve load test alone, with its figures as JSON (docs/performance.md).
+serve-load: install
+	$(BIN)/python tests/bench/serve_load.py
 
 lint: install
 	$(BIN)/ruff check .

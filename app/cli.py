@@ -1,4 +1,4 @@
-"""`kvscope` command line: chat | inspect | batch | bench | chaos | make-tiny.
+"""`kvscope` command line: chat | inspect | serve | batch | bench | chaos | make-tiny.
 
 Exit codes: 0 ok, 2 bad input or usage (one clear line on stderr), 3 integrity violation under
 --strict. No traceback reaches the user for input errors.
@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from app.cache_defaults import add_default_switches, apply_cache_defaults
 from app.options import add_common, engine_config
 from runtime.errors import KvscopeError
 
@@ -29,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_argument("--max-new-tokens", type=int, default=256)
         m.add_argument("--temperature", type=float, default=0.0)
         m.add_argument("--seed", type=int)
+        add_default_switches(m)
+        if mode == "inspect":
+            m.add_argument("--attach", metavar="URL", help="inspect a running `kvscope serve`")
+            m.add_argument("--api-key", help="the server's key (with --attach)")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_common(s)
+    add_default_switches(s)
+    from app.serve.cli import add_serve_args
+
+    add_serve_args(s)
     b = sub.add_parser("batch", help="JSONL in, JSONL out")
     add_common(b)
     b.add_argument("--input", required=True, help="input JSONL, one request per line")
@@ -88,6 +99,9 @@ def cmd_batch(args) -> int:
 def cmd_tui(args) -> int:
     from inspector.app import run_app
 
+    if getattr(args, "attach", None):
+        return cmd_attach(args)
+    apply_cache_defaults(args)
     engine = _make_engine(args)
     run_app(
         engine,
@@ -97,6 +111,27 @@ def cmd_tui(args) -> int:
         seed=args.seed,
     )
     return 0
+
+
+def cmd_attach(args) -> int:
+    from inspector.app import run_app
+    from inspector.remote import AttachError, RemoteEngine
+
+    try:
+        engine = RemoteEngine(args.attach, args.api_key)
+    except AttachError as e:
+        raise KvscopeError(str(e)) from None
+    try:
+        run_app(engine, screen="inspect")
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from app.serve.cli import cmd_serve as run
+
+    return run(args)
 
 
 def cmd_chaos(args) -> int:
@@ -128,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"batch": cmd_batch, "chat": cmd_tui, "inspect": cmd_tui}
     handlers["make-tiny"] = cmd_make_tiny
     handlers["chaos"] = cmd_chaos
+    handlers["serve"] = cmd_serve
     handlers["bench"] = lambda a: cmd_bench(a, argv)
     try:
         return handlers[args.mode](args)

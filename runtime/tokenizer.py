@@ -34,6 +34,7 @@ class Tokenizer:
         if template is None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
         self.chat_template: str | None = template if isinstance(template, str) else None
+        self._template = None  # the compiled chat template, built on first use
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -48,22 +49,38 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """Render the checkpoint's template; `tools` (OpenAI tool specs) reach it as `tools`."""
         if not self.chat_template:
             raise TokenizerError(
                 "tokenizer_config.json has no chat_template; send 'prompt' instead"
             )
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
         try:
-            return env.from_string(self.chat_template).render(
+            if self._template is None:  # compiled once: a server renders it per request
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.globals["raise_exception"] = _raise
+                env.filters["tojson"] = _tojson  # HF templates pass ensure_ascii / indent
+                self._template = env.from_string(self.chat_template)
+            return self._template.render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from None
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise(msg: str):

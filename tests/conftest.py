@@ -23,3 +23,10 @@ def tiny_dsa(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_glm4(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny_glm4"), "glm4_moe")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_home(tmp_path_factory, monkeypatch):
+    """Tests never write into the user's cache: the demo defaults put L3 under
+    $XDG_CACHE_HOME/kvscope (app/cache_defaults.py)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
