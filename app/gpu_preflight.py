@@ -12,6 +12,7 @@ The device image (../shared/ANCHORS.md) has torch 2.11.0+cu130, triton 3.6.0, tr
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ NEEDS = (
     Need("tokenizers", "0.21", "runtime imports"),
     Need("jinja2", "3.1", "runtime imports (chat templates)"),
     Need("accelerate", "1.10", "offload peer (section 5)"),
-    Need("bitsandbytes", "0.50", "nf4 / int8 weights (section 5)"),
+    Need("bitsandbytes", "0.50", "nf4 / int8 weights (offload, section 5)"),
     Need("transformers", "5.23.0", "the transformers peer (sections 2 and 5)", exact=True),
 )
 
@@ -98,7 +99,7 @@ def describe(f: Finding, wheels: str | None) -> str:
     """One line per missing / unsuitable package: what, what for, how it gets installed."""
     state = "missing" if f.installed is None else f"version {f.installed}, wanted {f.spec}"
     src = f"from the wheel folder {wheels}" if wheels else "from the package registry"
-    cmd = " ".join(install_command([f.spec], wheels)[1:])
+    cmd = shlex.join(install_command([f.spec], wheels))
     return f"preflight: {f.need.dist} {state} (needed by {f.need.why}); install {src}: {cmd}"
 
 

@@ -400,7 +400,7 @@ def section_offload(rec: Recorder, ctx: Context) -> None:
         rec.put("kvscope", results)
 
     kvscope("unquantized", model, "none")
-    rec.put("transformers_accelerate", _hf_offload(ctx, model, prompts(1, 1)))
+    rec.put("transformers_accelerate", _hf_offload(ctx, model, prompts(1, 1)[0]))
     kvscope("int4", model, "int4")
     kvscope("nf4", model, "nf4")
     from runtime.weights.fp8 import write_fp8_checkpoint
