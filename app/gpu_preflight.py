@@ -92,6 +92,8 @@ def install_command(specs: list[str], wheels: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
     if wheels:
         cmd += ["--no-index", "--find-links", wheels]
+    else:  # a machine without network fails in seconds, not after pip's default retries
+        cmd += ["--retries", "1", "--timeout", "10"]
     return cmd + specs
 
 

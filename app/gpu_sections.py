@@ -407,7 +407,7 @@ def section_offload(rec: Recorder, ctx: Context) -> None:
 
     fp8_dir = ctx.run_dir / f"{S.model}-fp8"
     if not (fp8_dir / ".complete").exists():
-        write_fp8_checkpoint(model, fp8_dir, S.fp8_block)
+        write_fp8_checkpoint(model, fp8_dir, S.fp8_block, device=ctx.device)
         (fp8_dir / ".complete").write_text("")
     kvscope("fp8", fp8_dir, "none")
 
