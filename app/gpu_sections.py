@@ -51,6 +51,7 @@ MINI = dict(
     index_topk=2048,
     index_head_dim=128,
     index_n_heads=16,
+    indexer_types=["full"] * 8,  # transformers' default, as ANCHORS.md measured it
     max_position_embeddings=16384,
 )
 

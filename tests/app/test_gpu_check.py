@@ -163,3 +163,29 @@ def test_quant_eval_mode_runs(tiny_glm4, tmp_path, capsys):
     assert cli_main(argv + ["--window", "12", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["int4"]["tokens"] == 24 and 0 <= res["int4"]["top1"] <= 1
+
+
+def test_mini_is_the_anchors_configuration():
+    """The GPU run's "mini" (app/gpu_sections.MINI) parses and has the size ANCHORS.md states:
+    6.43 B parameters, 650 M active per token; a typo here would cost a GPU run."""
+    from app.bench_floors import param_counts
+    from app.gpu_sections import MINI
+    from runtime.config import parse_config
+    from runtime.weights.tiny import tiny_config
+
+    cfg = parse_config(tiny_config("glm_moe_dsa", **MINI))
+    counts = param_counts(cfg)
+    assert round(counts["total"] / 1e9, 2) == 6.43, counts["total"]
+    assert round(counts["active_per_token"] / 1e6, -1) == 650, counts["active_per_token"]
+    assert cfg.max_position_embeddings >= 8192 + 64  # the HiCache prefix and its tail
+
+
+def test_tiny_weights_drawn_in_bf16_load(tmp_path):
+    """write_tiny(dtype=bfloat16) as the GPU run writes mini (there on the device)."""
+    from runtime.engine import Engine, EngineConfig
+    from runtime.weights.tiny import write_tiny
+
+    d = write_tiny(tmp_path, "glm4_moe", dtype=torch.bfloat16)
+    assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+    e = Engine(d, EngineConfig(device="cpu", dtype="bfloat16", cpu_graph="off"))
+    assert len(e.generate([5, 6, 7, 8], max_new_tokens=3, ignore_eos=True)) == 3
