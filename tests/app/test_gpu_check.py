@@ -189,3 +189,28 @@ def test_tiny_weights_drawn_in_bf16_load(tmp_path):
     assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
     e = Engine(d, EngineConfig(device="cpu", dtype="bfloat16", cpu_graph="off"))
     assert len(e.generate([5, 6, 7, 8], max_new_tokens=3, ignore_eos=True)) == 3
+
+
+def test_developer_tools_left_the_product_packages():
+    """Issue #16's part for the tools: they live in app/; kernels/ imports nothing of runtime/ or
+    app/, runtime/weights/ neither the engine nor app/ (imports inside functions included)."""
+    import ast
+
+    for old in ("kernels/gpu_check.py", "runtime/models/kernel_check.py",
+                "runtime/weights/expert_bench.py", "runtime/weights/quant_eval.py"):  # fmt: skip
+        assert not (ROOT / old).exists(), old
+    banned = {
+        "kernels": ("runtime", "app", "inspector"),
+        "runtime/weights": ("runtime.engine", "app"),
+    }
+    for folder, prefixes in banned.items():
+        for f in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                for n in names:
+                    bad = [p for p in prefixes if n == p or n.startswith(p + ".")]
+                    assert not bad, f"{f.relative_to(ROOT)} imports {n}"
