@@ -14,10 +14,13 @@ KvscopeRunner), transformers (via HFRunner), the kernels' wrappers and reference
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -254,6 +257,7 @@ def section_mini(rec: Recorder, ctx: Context) -> None:
     ours = measure(kv, "kvscope", 1)
     kv.close()
     del kv
+    gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     hf = HFRunner(model, cfg.arch, ctx.dtype, ctx.device, COMPILE_VARIANT, S.compile_backend)
@@ -275,20 +279,29 @@ def section_mini(rec: Recorder, ctx: Context) -> None:
 def section_hicache(rec: Recorder, ctx: Context) -> None:
     """TTFT of a prompt whose long prefix is cached in L2 (host) or L3 (disk) vs recomputing it,
     with the default integrity checks on (checksums verified on load-back)."""
-    from app.bench_cached import evict_tiers
     from app.bench_runners import KvscopeRunner
 
     S = ctx.sizes
     model = ctx.model_dir()
     tail = S.page_size // 2  # the tokens after the cached prefix (recomputed in every case)
     plen = S.prefix_len + tail
+    l3 = tempfile.mkdtemp(prefix="kvscope-gpu-check-l3-")  # on disk: RUN_DIR may be /dev/shm
     conf = ctx.engine_config(
         max_running=1,
         kv_host_mem=(1 << 30) if not ctx.rehearse else (16 << 20),
-        kv_disk=str(ctx.run_dir / "l3"),
+        kv_disk=l3,
         write_policy="write_through",
     )
-    runner = KvscopeRunner(model, conf, 1, plen)
+    try:
+        _hicache_cycles(rec, ctx, KvscopeRunner(model, conf, 1, plen), model, plen)
+    finally:
+        shutil.rmtree(l3, ignore_errors=True)
+
+
+def _hicache_cycles(rec: Recorder, ctx: Context, runner, model: Path, plen: int) -> None:
+    from app.bench_cached import evict_tiers
+
+    S = ctx.sizes
     prompts = _prompts(ctx, model, plen, 3)
     ttft: dict[str, list[float]] = {"recompute": [], "L2": [], "L3": []}
     served: dict[str, list[int]] = {"L2": [], "L3": []}
@@ -378,6 +391,16 @@ def section_offload(rec: Recorder, ctx: Context) -> None:
 
         rec.put("h2d_pinned_GBps", max(h2d_bandwidth(ctx.device, True)) / 1e9)
     results: dict = {}
+    errors: list[str] = []
+
+    def attempt(label: str, fn, *a) -> None:
+        """One variant; a failure is recorded and the others still run."""
+        try:
+            fn(label, *a)
+        except Exception as exc:  # noqa: BLE001 - reported in the figures and the status
+            traceback.print_exc()
+            errors.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
+            rec.put("errors", errors)
 
     def kvscope(label: str, mdir: Path, quant: str) -> None:
         conf = ctx.engine_config(max_running=1, expert_cache="25%", quant=quant)
@@ -400,17 +423,25 @@ def section_offload(rec: Recorder, ctx: Context) -> None:
         results[label] = out
         rec.put("kvscope", results)
 
-    kvscope("unquantized", model, "none")
-    rec.put("transformers_accelerate", _hf_offload(ctx, model, prompts(1, 1)[0]))
-    kvscope("int4", model, "int4")
-    kvscope("nf4", model, "nf4")
-    from runtime.weights.fp8 import write_fp8_checkpoint
+    def peer(label: str) -> None:
+        rec.put(label, _hf_offload(ctx, model, prompts(1, 1)[0]))
 
-    fp8_dir = ctx.run_dir / f"{S.model}-fp8"
-    if not (fp8_dir / ".complete").exists():
-        write_fp8_checkpoint(model, fp8_dir, S.fp8_block, device=ctx.device)
-        (fp8_dir / ".complete").write_text("")
-    kvscope("fp8", fp8_dir, "none")
+    def fp8(label: str) -> None:
+        from runtime.weights.fp8 import write_fp8_checkpoint
+
+        fp8_dir = ctx.run_dir / f"{S.model}-fp8"
+        if not (fp8_dir / ".complete").exists():
+            write_fp8_checkpoint(model, fp8_dir, S.fp8_block, device=ctx.device)
+            (fp8_dir / ".complete").write_text("")
+        kvscope(label, fp8_dir, "none")
+
+    attempt("unquantized", kvscope, model, "none")
+    attempt("transformers_accelerate", peer)
+    attempt("int4", kvscope, model, "int4")
+    attempt("nf4", kvscope, model, "nf4")
+    attempt("fp8", fp8)
+    if errors:
+        raise RuntimeError("; ".join(errors))
 
 
 def _hf_offload(ctx: Context, model: Path, prompt: list[int]) -> dict:
