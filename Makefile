@@ -42,9 +42,14 @@ format: install
 bench: install
 	$(BIN)/python -m pytest -q tests/bench --benchmark-only
 
-gpu-check: install
-	$(BIN)/python -m kernels.gpu_check --json docs/gpu-kernels.json
-	$(BIN)/kvscope bench --device cuda --json docs/gpu-check.json
+# `kvscope gpu-check` (app/gpu_check.py). No `install` prerequisite: the GPU machines have no
+# network, so it runs on the image's python when there is no .venv and its preflight installs
+# what is missing (WHEELS=DIR: from a wheel folder). REHEARSE=1: the CPU rehearsal.
+# JSON=FILE: where the results go (default docs/gpu-check.json; on a lent GPU machine $$OUT/...).
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	$(GPU_PY) -m app.gpu_check $(if $(REHEARSE),--rehearse) $(if $(WHEELS),--wheels $(WHEELS)) \
+		$(if $(JSON),--json $(JSON))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

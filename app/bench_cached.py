@@ -40,7 +40,8 @@ def has_tiers(econf) -> bool:
     return bool(econf.kv_host_mem and econf.kv_disk and econf.write_policy == "write_through")
 
 
-def _evict(runner: KvscopeRunner, tiers: tuple[str, ...]) -> None:
+def evict_tiers(runner: KvscopeRunner, tiers: tuple[str, ...]) -> None:
+    """Drain the backups in flight, then evict every page of the named tiers (L1, L2)."""
     eng = runner.engine
     with eng._lock:
         ctl = eng.kv.tiers
@@ -62,7 +63,7 @@ def measure_cached_ttft(
         prompt = prompt_of(i)
         runner.run([prompt], 2)  # cold: computes and caches the prefix
         for tier, evict in (("L1", ()), ("L2", ("L1",)), ("L3", ("L1", "L2"))):
-            _evict(runner, evict)
+            evict_tiers(runner, evict)
             res = runner.run([prompt], 2)  # 2: the request outlives its first step
             served = res.extra["cached_tokens"]
             if not served.get(tier):

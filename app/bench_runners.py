@@ -127,7 +127,15 @@ class KvscopeRunner:
 class HFRunner:
     """One transformers model; `variant` picks its experts implementation (or static+compile)."""
 
-    def __init__(self, model_dir: str | Path, arch: str, dtype: torch.dtype, device, variant: str):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        arch: str,
+        dtype: torch.dtype,
+        device,
+        variant: str,
+        compile_backend: str = "inductor",  # gpu-check's CPU rehearsal: "eager" (no C++ build)
+    ):
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -138,6 +146,7 @@ class HFRunner:
         self.model.generation_config.eos_token_id = None  # see the module docstring
         self.variant = variant
         self.compiled = variant == COMPILE_VARIANT
+        self.compile_backend = compile_backend
         impl = "grouped_mm" if self.compiled else variant
         self.model.set_experts_implementation(impl)
         self.attn = self.model.config._attn_implementation
@@ -173,7 +182,9 @@ class HFRunner:
         if self.compiled:
             kw = dict(
                 cache_implementation="static",
-                compile_config=CompileConfig(mode="default", dynamic=False),
+                compile_config=CompileConfig(
+                    mode="default", dynamic=False, backend=self.compile_backend
+                ),
             )
             kw["compile_config"]._compile_all_devices = True
         gc = GenerationConfig(

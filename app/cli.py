@@ -1,4 +1,5 @@
-"""`kvscope` command line: chat | inspect | serve | batch | bench | chaos | make-tiny.
+"""`kvscope` command line: chat | inspect | serve | batch | bench | chaos | make-tiny, and the
+developer modes gpu-check | quant-eval | expert-bench.
 
 Exit codes: 0 ok, 2 bad input or usage (one clear line on stderr), 3 integrity violation under
 --strict. No traceback reaches the user for input errors.
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", required=True, choices=["glm_moe_dsa", "glm4_moe"])
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
+    from app.expert_bench import add_expert_bench_args
+    from app.gpu_check import add_gpu_check_args
+    from app.quant_eval import add_quant_eval_args
+
+    add_gpu_check_args(sub.add_parser("gpu-check", help="check and time the GPU paths (dev)"))
+    add_quant_eval_args(sub.add_parser("quant-eval", help="KL / top-1 of quantized weights (dev)"))
+    add_expert_bench_args(sub.add_parser("expert-bench", help="offloaded-expert decode (dev, GPU)"))
     return p
 
 
@@ -155,6 +163,16 @@ def cmd_bench(args, argv: list[str] | None = None) -> int:
     return run(args, argv)
 
 
+def _dev_mode(module: str, args, argv: list[str] | None = None) -> int:
+    """Developer tools (app/gpu_check.py, app/quant_eval.py, app/expert_bench.py)."""
+    import importlib
+
+    mod = importlib.import_module(f"app.{module}")
+    if module == "gpu_check":
+        return mod.cmd_gpu_check(args, (argv if argv is not None else sys.argv[1:])[1:])
+    return getattr(mod, f"cmd_{module}")(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -165,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers["chaos"] = cmd_chaos
     handlers["serve"] = cmd_serve
     handlers["bench"] = lambda a: cmd_bench(a, argv)
+    handlers["gpu-check"] = lambda a: _dev_mode("gpu_check", a, argv)
+    handlers["quant-eval"] = lambda a: _dev_mode("quant_eval", a)
+    handlers["expert-bench"] = lambda a: _dev_mode("expert_bench", a)
     try:
         return handlers[args.mode](args)
     except KvscopeError as e:

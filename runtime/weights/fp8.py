@@ -123,10 +123,12 @@ def write_fp8_checkpoint(
     out_dir: str | Path,
     block: tuple[int, int] = DEFAULT_BLOCK,
     dequantized_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Re-save a checkpoint with its linear weights in FP8 blocks, as published (test helper and
     tool). With ``dequantized_dir``, also write the same model with the FP8 weights dequantized
-    back to fp32: the exact weights a loader of the FP8 checkpoint must end up with."""
+    back to fp32: the exact weights a loader of the FP8 checkpoint must end up with. ``device``:
+    where the blocks are quantized (a GPU for billions of parameters)."""
     from safetensors.torch import save_file
 
     from runtime.weights.checkpoint import Checkpoint
@@ -138,9 +140,10 @@ def write_fp8_checkpoint(
     for name in ckpt.keys():
         t = ckpt.get(name)
         if is_linear_weight(name) or name.endswith(".kv_b_proj.weight"):
-            q, s = quantize_fp8_block(t, block)
-            tensors[name], tensors[scale_name(name)] = q, s
-            deq[name] = dequantize_fp8_block(q, s, block, torch.float32)
+            q, s = quantize_fp8_block(t.to(device), block)
+            tensors[name], tensors[scale_name(name)] = q.cpu(), s.cpu()
+            if dequantized_dir is not None:
+                deq[name] = dequantize_fp8_block(q, s, block, torch.float32).cpu()
         else:
             tensors[name] = deq[name] = t.contiguous()
     raw = json.loads((src / "config.json").read_text())

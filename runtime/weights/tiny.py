@@ -96,13 +96,21 @@ def tiny_config(arch: str, **overrides) -> dict:
     return raw
 
 
-def tiny_tensors(raw: dict, seed: int = 0, scale: float = 0.15) -> dict[str, torch.Tensor]:
-    """Random weights for every tensor the published layout names, per-expert experts."""
+def tiny_tensors(
+    raw: dict,
+    seed: int = 0,
+    scale: float = 0.15,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Random weights for every tensor the published layout names, per-expert experts. Drawn on
+    ``device`` (a GPU makes billions of parameters in a second; the CPU default keeps every
+    existing seed's weights) and stored as ``dtype``."""
     cfg = parse_config(raw)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape, s=scale):
-        return torch.randn(*shape, generator=g) * s
+        return (torch.randn(*shape, generator=g, device=device) * s).to(dtype)
 
     def norm(n):
         return 1.0 + rnd(n, s=0.1)
@@ -171,11 +179,22 @@ def tiny_tensors(raw: dict, seed: int = 0, scale: float = 0.15) -> dict[str, tor
     return {k: val.contiguous() for k, val in t.items()}
 
 
-def write_tiny(out_dir: str | Path, arch: str, seed: int = 0, **overrides) -> Path:
+def write_tiny(
+    out_dir: str | Path,
+    arch: str,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
+    """config.json + model.safetensors; ``device`` / ``dtype`` as in tiny_tensors (the config's
+    "dtype" then names ``dtype``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = tiny_config(arch, **overrides)
-    tensors = tiny_tensors(raw, seed=seed)
+    if dtype != torch.float32:
+        raw["dtype"] = str(dtype).replace("torch.", "")
+    tensors = tiny_tensors(raw, seed=seed, device=device, dtype=dtype)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

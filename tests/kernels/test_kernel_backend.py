@@ -86,12 +86,12 @@ def test_launch_after_triton_was_imported_without_interpreter():
 def test_kernels_compile_for_sm90():
     """What the interpreter cannot check: the kernels as the wrappers launch them at GPU sizes
     (bf16 attention, MoE decode and prefill tiles, the uint32 checksum) build for sm_90 within
-    the shared-memory limit. The full set: python -m kernels.gpu_check --compile 90."""
+    the shared-memory limit. The full set: kvscope gpu-check --compile 90."""
     pytest.importorskip("triton.backends.nvidia")
     r = _run(
         "import sys\n"
-        "from kernels.gpu_check import main\n"
-        "sys.exit(main(['--compile', '90', '--only', 'attention bf16', 'fused_moe',"
+        "from app.gpu_check import main\n"
+        "sys.exit(main(['--compile', '90', '--kernels', 'attention bf16', 'fused_moe',"
         " 'page_checksum']))\n"
     )
     assert r.returncode == 0 and "all compiled" in r.stdout, (r.stdout + r.stderr)[-3000:]

@@ -1,7 +1,8 @@
 """The whole model through the Triton kernels (interpreted on CPU) vs the torch path.
 
-``KVSCOPE_TRITON_INTERPRET=1`` sends CausalLM.forward down runtime/models/kernel_path.py (RMSNorm
-+ residual, RoPE, page stores, DSA indexer top-k, absorbed sparse MLA / paged GQA, fused MoE);
+``KVSCOPE_TRITON_INTERPRET=1`` sends CausalLM.forward through KernelStep (runtime/models/
+steps.py: RMSNorm + residual, RoPE, page stores, DSA indexer top-k, absorbed sparse MLA /
+paged GQA, fused MoE);
 without it the same model object runs the torch reference path. Tiny configs of both
 architectures, page_size 16, a batch of 2 sequences (one prompt longer than a page and than
 index_topk, one shorter than index_topk, so sparse and full-causal rows share a step), scattered
@@ -21,7 +22,7 @@ context rows) run exactly once per step, for every plane the step reads. In fp32
 step also goes through DecodeGraphs (the CUDA-graph runner) with the capture replaced by an eager
 rerun of the recorded step over the same static buffers (batch bucket 4: 2 padding rows), which
 must give the eager kernel path's logits and KV writes; the warm-up/capture step must write no
-KV. The CUDA capture itself is only exercised on a GPU (python -m kernels.gpu_check, "model").
+KV. The CUDA capture itself is only exercised on a GPU (kvscope gpu-check, section "kernels").
 Sizes are small because the interpreter runs each Triton program in Python.
 """
 
@@ -250,9 +251,9 @@ def test_short_contexts_skip_the_indexer(tmp_path, monkeypatch):
 
 
 def test_gpu_model_check_runs_on_cpu():
-    """kernels.gpu_check's "model" check (runtime/models/kernel_check.py) at tiny sizes through
+    """gpu-check's "model" check (app/kernel_model_check.py) at tiny sizes through
     the interpreter, so the GPU script does not rot between GPU runs."""
-    from runtime.models.kernel_check import compare
+    from app.kernel_model_check import compare
 
     before = os.environ.get("KVSCOPE_TRITON_INTERPRET")
     r = compare("glm4_moe", torch.float32, "cpu", prompt_lens=(5, 3), steps=1)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.quant_eval import compare_logits, sequence_logits
 from runtime.engine import Engine, EngineConfig
 from runtime.errors import CheckpointError
 from runtime.weights import fp8
-from runtime.weights.quant_eval import compare_logits, sequence_logits
 
 IDS = [5 + (i * 7) % 150 for i in range(30)]
 

@@ -1,14 +1,14 @@
 """CUDA paths of quantization and expert offload (skipped without a GPU): pinned host experts
 behind a GPU cache with a copy stream + events, the fused kernels over cache slots, int4 / NF4
-on the device, FP8 kept on Hopper, and the timing functions of runtime/weights/expert_bench.py."""
+on the device, FP8 kept on Hopper, and the timing functions of app/expert_bench.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from app.quant_eval import compare_logits, sequence_logits
 from runtime.engine import Engine, EngineConfig
-from runtime.weights.quant_eval import compare_logits, sequence_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,7 +70,7 @@ def test_fp8_kept_on_hopper(tiny_glm4, tmp_path):
 
 
 def test_bench_functions_run(tiny_glm4):
-    from runtime.weights.expert_bench import bench_int4_moe, bench_offload_decode
+    from app.expert_bench import bench_int4_moe, bench_offload_decode
 
     r = bench_offload_decode(str(tiny_glm4), "4", prompt_len=32, new_tokens=8, warmup_tokens=4)
     assert r["decode_tok_s"] > 0 and r["pcie_floor_tok_s"] > 0

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from app.quant_eval import quant_quality
 from runtime.models.base import WeightReader
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.quant import ExpertFormat, quantize_weight
-from runtime.weights.quant_eval import quant_quality
 
 THRESHOLDS = {"int8": (0.02, 0.85), "nf4": (0.25, 0.5), "int4": (0.25, 0.5)}
 

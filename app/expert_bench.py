@@ -1,6 +1,6 @@
-"""GPU timing of expert offload and of the int4 MoE kernel (CUDA only; for the GPU check script).
+"""GPU timing of expert offload and of the int4 MoE kernel (CUDA only; also used by gpu-check).
 
-    .venv/bin/python -m runtime.weights.expert_bench --model DIR --expert-cache 25% --json out.json
+    kvscope expert-bench --model DIR --expert-cache 25% --json out.json
 
 `bench_offload_decode` measures batch-1 decode with routed experts in pinned host memory behind a
 GPU expert cache, the pinned host->device bandwidth on the same machine, and the PCIe floor that
@@ -12,7 +12,6 @@ Every shape is warmed up before it is timed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -23,7 +22,9 @@ from kernels.backend import cuda_time_per_call
 
 def _need_cuda() -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError("expert_bench needs a CUDA device")
+        from runtime.errors import KvscopeError
+
+        raise KvscopeError("expert-bench: needs a CUDA device (none is available here)")
 
 
 def h2d_bandwidth(nbytes: int = 256 * 2**20, pinned: bool = True, repeats: int = 5) -> float:
@@ -159,16 +160,29 @@ def bench_int4_moe(
     }
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--expert-cache", default="25%")
-    p.add_argument("--quant", default="none")
-    p.add_argument("--dtype", default="bfloat16")
+def add_expert_bench_args(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    p.add_argument("--expert-cache", default="25%", help="N experts, P%% of them, or SIZE")
+    p.add_argument("--quant", default="none", choices=["none", "nf4", "int8", "int4"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    p.add_argument("--json", metavar="FILE", help="also write the results here")
+
+
+def cmd_expert_bench(args) -> int:
+    """`kvscope expert-bench`: offloaded vs resident decode and the int4 kernel, as JSON."""
+    from pathlib import Path
+
+    from runtime.errors import KvscopeError
+    from runtime.weights.placement import parse_expert_cache
+
+    if not Path(args.model).is_dir():
+        raise KvscopeError(f"--model {args.model}: not a directory")
+    parse_expert_cache(args.expert_cache)  # one-line error on a bad value
+    if args.prompt_len < 8 or args.new_tokens < 1:
+        raise KvscopeError("--prompt-len must be >= 8 and --new-tokens >= 1")
+    _need_cuda()
     res = {
         "offload": bench_offload_decode(
             args.model, args.expert_cache, args.quant, args.dtype, args.prompt_len, args.new_tokens
@@ -185,9 +199,5 @@ def main(argv=None) -> None:
     text = json.dumps(res, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+        Path(args.json).write_text(text + "\n")
+    return 0

@@ -5,7 +5,9 @@ reference path on CPU with greedy decoding (a batched prefill of several sequenc
 pages, then decode steps), feeds the same tokens to the kernel path on ``device`` (CUDA: compiled
 Triton kernels, decode steps replayed from CUDA graphs, then again eagerly with graphs off; CPU:
 the Triton interpreter, forced with KVSCOPE_TRITON_INTERPRET=1) and compares logits at every step.
-`kernels.gpu_check` runs it on CUDA ("model"); tests/runtime/test_kernel_path.py is the CPU test.
+`kvscope gpu-check` runs it on CUDA (section "kernels", check "model", app/gpu_kernels.py);
+tests/runtime/test_kernel_path.py is the CPU test. Steps run through a ModelRunner
+(runtime/models/runner.py), which replays CUDA graphs on CUDA.
 
 Tolerances (max |logit diff|, logits of magnitude ~5-10): fp32 1e-3, bf16 0.15 (bf16 rounding
 inside the torch path; see the test's doc). Greedy tokens must agree at every row whose reference

@@ -1,32 +1,24 @@
-"""Check every Triton kernel against its torch reference on a CUDA device, and time both.
-
-    python -m kernels.gpu_check [--only NAME ...] [--iters N] [--json PATH] [--smoke]
-    python -m kernels.gpu_check --compile 90      # no GPU needed
+"""Section 1 of `kvscope gpu-check`: every Triton kernel against its torch reference, timed.
 
 Inputs are fresh random tensors at GLM-5 / GLM-4.5 layer sizes (bf16; experts cut to 32 to keep
 the reference quick). The last check, "model", runs the whole model on tiny checkpoints of both
 architectures through the kernels (decode steps from CUDA graphs, then eagerly) against the torch
-path on CPU (runtime/models/kernel_check.py). Exit status 0 when every op matches within its
-tolerance, 1 otherwise; without CUDA it prints why and exits 0 (nothing to check; the CPU tests
-run the same kernels through Triton's interpreter: ``pytest tests/kernels``). ``--smoke`` runs
-tiny sizes on any device (on CPU through the interpreter; timings meaningless) to test this
-script itself.
-``--compile CC`` compiles every kernel as the wrappers launch it at GPU sizes for sm_CC down to a
-cubin (Triton ships ptxas), without a GPU: it catches what the interpreter does not check.
+path on CPU (app/kernel_model_check.py). `run_checks(..., smoke=True)` runs tiny sizes on any
+device (on CPU through the interpreter; timings meaningless): the rehearsal (`--rehearse`).
+`compile_check(CC)` (`kvscope gpu-check --compile 90`) compiles every kernel as the wrappers
+launch it at GPU sizes for sm_CC down to a cubin (Triton ships ptxas), without a GPU: it catches
+what the interpreter does not check.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-SMOKE = False  # --smoke: tiny sizes, any device (a CPU run goes through the interpreter)
+SMOKE = False  # tiny sizes, any device (a CPU run goes through the interpreter); see run_checks
 
 
 def _n(full: int, small: int) -> int:
@@ -234,11 +226,11 @@ def check_fused_moe(dev, iters):
 
 
 def check_model(dev, iters):
-    """The whole model, kernel path vs torch path (runtime/models/kernel_check.py), on tiny
+    """The whole model, kernel path vs torch path (app/kernel_model_check.py), on tiny
     checkpoints of both architectures in fp32 and bf16: batched prefill over scattered pages,
     then decode steps (on CUDA replayed from CUDA graphs, and again eagerly). The error column is
     max |logit diff|; timings are a decode step with graphs (triton) and without (torch column)."""
-    from runtime.models.kernel_check import compare
+    from app.kernel_model_check import compare
 
     rows = []
     for arch in ("glm_moe_dsa", "glm4_moe"):
@@ -373,65 +365,40 @@ def compile_check(cc: int, only: list[str] | None = None) -> int:
     return 0 if not bad else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__)
-    parser.add_argument("--only", nargs="*", help=f"ops to check, of {', '.join(CHECKS)}")
-    parser.add_argument("--iters", type=int, default=20, help="timed iterations per op")
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny sizes; also on CPU (interpreter), to test this"
-    )
-    parser.add_argument(
-        "--compile",
-        type=int,
-        metavar="CC",
-        help="only compile every kernel for sm_CC (e.g. 90) at GPU sizes; no GPU needed",
-    )
-    args = parser.parse_args(argv)
-    if args.compile:
-        return compile_check(args.compile, args.only)
-    unknown = sorted(set(args.only or []) - set(CHECKS))
-    if unknown:
-        parser.error(f"unknown ops {unknown}; known: {', '.join(CHECKS)}")
+def run_checks(
+    dev: torch.device,
+    iters: int = 20,
+    only: list[str] | None = None,
+    smoke: bool = False,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Run the checks in CHECKS order (``only``: a subset); an op that raises is a failed row and
+    the others still run. ``on_result`` sees every row as soon as it is measured."""
     global SMOKE
-    SMOKE = args.smoke
-    if not torch.cuda.is_available() and not SMOKE:
-        print(
-            "kernels.gpu_check: no CUDA device, nothing checked. On CPU the kernels are tested "
-            "through Triton's interpreter: pytest tests/kernels"
-        )
-        return 0
-    import triton
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}")
+    SMOKE = smoke
+    unknown = sorted(set(only or []) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; known: {', '.join(CHECKS)}")
     torch.manual_seed(0)
     results: list[Result] = []
-    for name in args.only or CHECKS:
+    for name in only or CHECKS:
         t0 = time.perf_counter()
         try:
-            rows = CHECKS[name](dev, args.iters)
+            rows = CHECKS[name](dev, iters)
         except Exception as exc:  # report and go on with the other ops
-            print(f"{name:16s} ERROR {type(exc).__name__}: {exc}")
-            results.append(Result(name, "", float("inf"), 0.0, False, 0.0, 0.0))
-            continue
+            print(f"{name:16s} ERROR {type(exc).__name__}: {exc}", flush=True)
+            rows = [(f"error: {type(exc).__name__}: {str(exc)[:300]}", float("inf"), 0.0, 0, 0)]
         for shape, err, tol, t, tr in rows if isinstance(rows, list) else [rows]:
             r = Result(name, shape, err, tol, err <= tol, t, tr)
             results.append(r)
             print(
                 f"{name:16s} {'ok  ' if r.ok else 'FAIL'} err {err:.2e} (tol {tol:.0e})  "
                 f"triton {t:9.1f} us  torch {tr:9.1f} us  [{shape}] "
-                f"({time.perf_counter() - t0:.1f}s)"
+                f"({time.perf_counter() - t0:.1f}s)",
+                flush=True,
             )
-        torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
-    bad = [r.op for r in results if not r.ok]
-    print("all ok" if not bad else f"FAILED: {', '.join(bad)}")
-    return 0 if not bad else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            if on_result is not None:
+                on_result(r)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results

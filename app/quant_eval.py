@@ -1,8 +1,7 @@
 """Quantization quality: KL divergence and top-1 agreement of a quantized model against full
 precision, teacher-forced over the same tokens (next-token distributions at every position).
 
-    .venv/bin/python -m runtime.weights.quant_eval --model assets/demo \\
-        --text assets/demo_heldout.txt --tokens 512 --window 128
+    kvscope quant-eval --model assets/demo --text assets/demo_heldout.txt --tokens 512 --window 128
 
 KL(p_ref || p_quant) is averaged over positions, in nats; top-1 agreement is the fraction of
 positions whose argmax matches. docs/quantization.md holds the table this prints.
@@ -10,7 +9,6 @@ positions whose argmax matches. docs/quantization.md holds the table this prints
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -79,17 +77,32 @@ def quant_quality(
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
+def add_quant_eval_args(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
     p.add_argument("--text", help="held-out text file (needs the model's tokenizer)")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--window", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--methods", default="int8,nf4,int4")
-    args = p.parse_args(argv)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--methods", default="int8,nf4,int4", help="comma-separated quant methods")
+    p.add_argument("--json", metavar="FILE", help="also write the table here")
+
+
+def cmd_quant_eval(args) -> int:
+    """`kvscope quant-eval`: prints {method: {kl, kl_max, top1, tokens}} as JSON."""
+    from runtime.errors import KvscopeError
+
+    if not Path(args.model).is_dir():
+        raise KvscopeError(f"--model {args.model}: not a directory")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    bad = sorted(set(methods) - {"int8", "nf4", "int4"})
+    if bad or not methods:
+        raise KvscopeError(f"--methods {args.methods}: choose from int8, nf4, int4")
+    if args.tokens < 2 or args.window < 2:
+        raise KvscopeError("--tokens and --window must be >= 2")
     if args.text:
+        if not Path(args.text).is_file():
+            raise KvscopeError(f"--text {args.text}: file not found")
         from runtime.tokenizer import Tokenizer
 
         ids = Tokenizer(args.model).encode(Path(args.text).read_text())
@@ -99,17 +112,9 @@ def main(argv=None) -> None:
         v = load_config(args.model).vocab_size
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(2, v, (args.tokens,), generator=g).tolist()
-    res = quant_quality(
-        args.model,
-        ids,
-        tuple(args.methods.split(",")),
-        args.window,
-        args.tokens,
-        args.dtype,
-        args.device,
-    )
-    print(json.dumps(res, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    res = quant_quality(args.model, ids, methods, args.window, args.tokens, args.dtype, args.device)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
