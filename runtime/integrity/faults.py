@@ -48,7 +48,6 @@ class FaultInjector:
         self.late: list[LateWrite] = []
         self._ids = itertools.count(1)
         self._step = 0
-        self._corrupted: set[int] = set()
 
     def rate(self, kind: str) -> float:
         return self.cfg.faults.get(kind, 0.0)
@@ -63,10 +62,6 @@ class FaultInjector:
 
     def tick(self) -> None:
         self._step += 1
-
-    def take_corrupted_slots(self) -> set[int]:
-        out, self._corrupted = self._corrupted, set()
-        return out
 
     # ---- skip-fence --------------------------------------------------------------------------
     def skip_fence(self, plane: str) -> bool:
@@ -159,7 +154,6 @@ class FaultInjector:
             if not self.cfg.protections:
                 continue
             c["detected"] += 1
-            self._corrupted.update(reused)
             checks.bad_slots.update(reused)
             for rid in victims:
                 reason = f"late write of aborted {lw.victim} landed in pages {reused}"

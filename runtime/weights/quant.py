@@ -142,12 +142,6 @@ def quantize_weight(w: torch.Tensor, method: str):
     raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
 
 
-def weight_nbytes(w) -> int:
-    if isinstance(w, torch.Tensor):
-        return w.numel() * w.element_size()
-    return int(w.nbytes)
-
-
 def linear_nbytes(out_f: int, in_f: int, method: str, dtype: torch.dtype) -> int:
     """Bytes a [out, in] linear weight takes once quantized with ``method`` (for fit checks)."""
     n = out_f * in_f
