@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from runtime.cache_stack import build_kv_stack
 from runtime.config import ModelConfig, load_config
 from runtime.engine_config import EngineConfig
 from runtime.errors import KvscopeError, RequestError
 from runtime.integrity.monitor import IntegrityMonitor
 from runtime.integrity.verdicts import token_verdict
 from runtime.kv.pool import token_rows
-from runtime.kv.stack import build_kv_stack
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.prompts import encode_prompt, eos_ids
@@ -258,7 +258,7 @@ class Engine:
             return None
         if not cpu_graph_requested(c.cpu_graph):
             return None
-        from runtime.kv.stack import model_fingerprint
+        from runtime.kv.tier_stack import model_fingerprint
 
         disk = self.kv.disk  # its fingerprint is the same hash: not computed twice
         key = (
