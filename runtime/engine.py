@@ -167,6 +167,13 @@ class Engine:
     def request(self, request_id: str) -> Request:
         return self._requests[request_id]
 
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's record (long-running benches keep the table small)."""
+        with self._lock:
+            if request_id in self._active:
+                raise RequestError(f"request {request_id!r} is still running; abort it first")
+            self._requests.pop(request_id, None)
+
     @property
     def requests(self):
         """Every request submitted (finished ones included), by id: a read-only mapping."""
