@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
 from runtime.engine_config import EngineConfig
 from runtime.errors import KvscopeError
 from runtime.kv.pool import KVPool
 from runtime.kv.tier_stack import DiskSpec, TierStack, build_tier_stack, model_fingerprint
+from runtime.model_config import ModelConfig
 from runtime.scheduler import Scheduler
 
 DEFAULT_L1_CAP = 512 << 20  # default L1 pool cap when --kv-mem is not given

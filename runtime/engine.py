@@ -27,11 +27,11 @@ from types import MappingProxyType
 import torch
 
 from runtime.cache_stack import build_kv_stack
-from runtime.config import ModelConfig, load_config
 from runtime.engine_config import EngineConfig
 from runtime.errors import KvscopeError, RequestError
 from runtime.integrity.monitor import IntegrityMonitor
 from runtime.kv.pool import KVPool, token_rows
+from runtime.model_config import ModelConfig, load_config
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.prompts import encode_prompt, eos_ids

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
 from runtime.kv.tier_stack import DiskSpec, build_tier_stack, model_fingerprint
 from runtime.layersplit.ownership import RankKV, contiguous_range
+from runtime.model_config import ModelConfig
 
 TIERS = ("L1", "L2", "L3")
 

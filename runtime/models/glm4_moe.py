@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from kernels import ops
-from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
+from runtime.model_config import ModelConfig
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.batch import ForwardBatch, KernelMeta
 from runtime.models.glm_moe_dsa import _causal

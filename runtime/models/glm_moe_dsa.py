@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import ops
-from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
+from runtime.model_config import ModelConfig
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.batch import ForwardBatch, KernelMeta
 from runtime.models.layers import linear, rms_norm

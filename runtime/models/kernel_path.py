@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import ops
-from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
+from runtime.model_config import ModelConfig
 from runtime.models.batch import ForwardBatch, KernelMeta
 from runtime.models.layers import Experts, linear
 from runtime.models.rope import RotaryTables
