@@ -1,4 +1,5 @@
-"""Tier moves: eviction and the asynchronous copies between L1, L2 and L3, and their results.
+"""TierMoves, the base of `TierController`: eviction and the asynchronous copies between L1, L2
+and L3, and their results.
 
 The base of `TierController` (runtime/kv/tier_controller.py): it holds the shared state (the
 allocator, the radix tree, the host pool, the disk store, the copy engine, the transfers in
