@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from inspector.chat_model import ChatSession
 from inspector.history import TelemetryHistory
+from inspector.transcript import ChatSession
 from runtime.telemetry import TokenEvent, TokenVerdict
 from tests.inspector.fake_engine import FakeEngine
 
