@@ -96,7 +96,9 @@ class Engine:
         self.monitor.attach(
             handles, self.tokenizer, self._recompute, exact=self.dtype == torch.float32
         )
-        self.hooks = (self.monitor.faults, self.monitor)  # at every point, in this order
+        # The step hooks (runtime/step_hooks.py), called in this order at every point: the
+        # injector first, so its late writes land before the monitor re-hashes and invalidates.
+        self.hooks = (self.monitor.faults, self.monitor)
         self.cpu_graph = self._cpu_graph(c)
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
