@@ -68,7 +68,7 @@ def count_requests(inp: Path) -> int:
 
 def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=None) -> dict:
     """Process every line of `inp`; returns summary counts. `progress` (optional) follows
-    inspector.batch_progress.BatchProgress: add_tokens / request_done / request_failed."""
+    app.batch_progress.BatchProgress: add_tokens / request_done / request_failed."""
     try:
         src = inp.open(encoding="utf-8")
     except OSError as e:

@@ -53,8 +53,8 @@ from app.bench_runners import (
     serial,
 )
 from app.options import add_common, engine_config
-from runtime.config import load_config
 from runtime.errors import KvscopeError
+from runtime.model_config import load_config
 
 BATCHES = (1, 8)
 

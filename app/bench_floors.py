@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model_config import ModelConfig
 
 # ------------------------------------------------------------------------------ parameter counts
 

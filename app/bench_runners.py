@@ -103,7 +103,7 @@ class KvscopeRunner:
             if r.status != "finished" or len(r.output_ids) != n:
                 why = "; ".join(r.violations) or r.finish_reason
                 raise KvscopeError(f"bench: kvscope request ended with {r.status} ({why})")
-            eng._requests.pop(r.request_id, None)  # keep the engine's table small across repeats
+            eng.forget(r.request_id)  # keep the engine's table small across repeats
         extra = {
             "cached_tokens": {
                 t: sum(r.cached_tokens.get(t, 0) for r in reqs) for t in ("L1", "L2", "L3")

@@ -45,7 +45,7 @@ def _is_demo(model: str) -> bool:
 def disk_dir(model: str, dtype_flag: str, device_flag: str, page_size: int) -> Path:
     """$XDG_CACHE_HOME/kvscope/<fingerprint of the model, dtype and page size>."""
     from runtime.engine_config import EngineConfig
-    from runtime.kv.stack import model_fingerprint
+    from runtime.kv.tier_stack import model_fingerprint
 
     cfg = EngineConfig(device=device_flag, dtype=dtype_flag, page_size=page_size)
     dtype = cfg.resolve_dtype(cfg.resolve_device())

@@ -80,7 +80,7 @@ def _make_engine(args):
 
 def cmd_batch(args) -> int:
     from app.batch import count_requests, run_batch
-    from inspector.batch_progress import BatchProgress
+    from app.batch_progress import BatchProgress
 
     if args.max_new_tokens < 1:
         raise KvscopeError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")

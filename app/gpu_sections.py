@@ -175,7 +175,7 @@ def _median(xs: list[float]) -> float:
 
 def _prompts(ctx: Context, model: Path, length: int, seed: int):
     from app.bench_runners import Prompts
-    from runtime.config import load_config
+    from runtime.model_config import load_config
 
     return Prompts(seed, load_config(model).vocab_size, length)
 
@@ -219,7 +219,7 @@ def section_mini(rec: Recorder, ctx: Context) -> None:
     prefill of a long prompt, weight bandwidth as a fraction of the measured copy bandwidth."""
     from app.bench_floors import bytes_per_step, copy_bandwidth
     from app.bench_runners import COMPILE_VARIANT, HFRunner, KvscopeRunner
-    from runtime.config import load_config
+    from runtime.model_config import load_config
 
     S = ctx.sizes
     model = ctx.model_dir()
@@ -450,7 +450,7 @@ def _hf_offload(ctx: Context, model: Path, prompt: list[int]) -> dict:
     from accelerate import dispatch_model
 
     from app.bench_runners import HFRunner
-    from runtime.config import load_config
+    from runtime.model_config import load_config
 
     cfg = load_config(model)
     hf = HFRunner(model, cfg.arch, ctx.dtype, "cpu", "grouped_mm")

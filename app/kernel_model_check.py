@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.config import load_config
 from runtime.kv.pool import KVPool, token_rows
+from runtime.model_config import load_config
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.models.runner import ModelRunner

@@ -43,9 +43,9 @@ def _num_slots(args, model_dir, n: int, dtype: str) -> int | None:
     import torch
 
     from app.options import parse_size
-    from runtime.config import load_config
     from runtime.layersplit.ownership import RankKV
     from runtime.layersplit.rank import DTYPES, plan_owners
+    from runtime.model_config import load_config
 
     cfg, dt = load_config(model_dir), DTYPES[dtype]
     biggest = max(
@@ -126,8 +126,8 @@ def run_layer_split_batch(args) -> int:
     import torch
 
     from app.options import kv_tier_options
-    from runtime.config import load_config
     from runtime.layersplit import run_layer_split
+    from runtime.model_config import load_config
     from runtime.prompts import eos_ids
     from runtime.tokenizer import Tokenizer
 

@@ -107,7 +107,7 @@ def cmd_quant_eval(args) -> int:
 
         ids = Tokenizer(args.model).encode(Path(args.text).read_text())
     else:  # deterministic pseudo-text over the vocabulary
-        from runtime.config import load_config
+        from runtime.model_config import load_config
 
         v = load_config(args.model).vocab_size
         g = torch.Generator().manual_seed(0)

@@ -1,11 +1,11 @@
-"""kvscope inspector: the Textual TUI (chat + live cache inspector) and batch progress output.
+"""kvscope inspector: the Textual TUI (chat + live cache inspector).
 
 Reads `runtime.telemetry` snapshots and calls the engine API only; never imports torch.
 
-    from inspector import run_app, BatchProgress
+    from inspector import run_app
     run_app(engine, screen="chat")          # or "inspect"; blocks until the user quits
 
-Textual is imported lazily, so `kvscope batch` can use `BatchProgress` without loading it.
+Textual is imported lazily (importing `inspector` costs nothing until the app is used).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inspector.app import KvscopeApp, run_app
-    from inspector.batch_progress import BatchProgress
 
-__all__ = ["BatchProgress", "KvscopeApp", "run_app"]
+__all__ = ["KvscopeApp", "run_app"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,8 +23,4 @@ def __getattr__(name: str) -> Any:
         from inspector import app
 
         return getattr(app, name)
-    if name == "BatchProgress":
-        from inspector.batch_progress import BatchProgress
-
-        return BatchProgress
     raise AttributeError(f"module 'inspector' has no attribute {name!r}")

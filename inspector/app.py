@@ -22,7 +22,6 @@ from textual.binding import Binding
 from textual.signal import Signal
 from textual.worker import get_current_worker
 
-from inspector.chat_model import ChatSession
 from inspector.engine_protocol import EngineProtocol
 from inspector.history import TelemetryHistory
 from inspector.messages import (
@@ -37,6 +36,7 @@ from inspector.messages import (
 )
 from inspector.screens.chat import ChatScreen
 from inspector.screens.inspect import InspectScreen
+from inspector.transcript import ChatSession
 from runtime.telemetry import EngineSnapshot, TokenEvent
 
 ScreenName = Literal["chat", "inspect"]

@@ -1,14 +1,18 @@
 """The engine: requests in, streamed tokens out, over the tiered, paged KV cache.
 
 Public API (thread-safe; one lock serialises every call): `submit()`, `step()`, `abort()`,
-`has_work()`, `snapshot()`, `stream()`, `generate()`, `close()`.
+`has_work()`, `snapshot()`, `stream()`, `generate()`, `close()`; read-only views: `requests`,
+`request()`, `stats`, `model_info()`.
 
-One `step()`: the scheduler (runtime/scheduler.py) picks each running sequence's next positions
-(decode first, then prefill chunks under the token budget; prefixes are reused from L1/L2/L3),
+One `step()` is the data path: schedule -> forward -> verify -> sample -> commit -> stream.
+The scheduler (runtime/scheduler.py) picks each running sequence's next positions (decode
+first, then prefill chunks under the token budget; prefixes are reused from L1/L2/L3),
 capturing every page's epoch and registering this step as the writer of the pages it writes.
 The model stores the new tokens' planes and reads its context through the pool accessor, which
-waits on load fences. `commit()` then acks the step's writes (only now can a page of an aborted
-request leave DRAINING), verifies load-backs, and the sampled tokens are streamed.
+waits on load fences. The reads are verified, tokens sampled, `commit()` acks the step's writes
+(only now can a page of an aborted request leave DRAINING) and verifies load-backs, and the
+sampled tokens are streamed. Integrity checks and fault injection are hooks at the named
+points of runtime/step_hooks.py, given the KV handles, never the engine.
 """
 
 from __future__ import annotations
@@ -18,21 +22,23 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
-from runtime.config import ModelConfig, load_config
+from runtime.cache_stack import build_kv_stack
 from runtime.engine_config import EngineConfig
 from runtime.errors import KvscopeError, RequestError
 from runtime.integrity.monitor import IntegrityMonitor
-from runtime.integrity.verdicts import token_verdict
-from runtime.kv.pool import token_rows
-from runtime.kv.stack import build_kv_stack
+from runtime.kv.pool import KVPool, token_rows
+from runtime.model_config import ModelConfig, load_config
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.prompts import encode_prompt, eos_ids
 from runtime.request import Request
 from runtime.sampling import SamplingParams, make_generator, sample
+from runtime.snapshot import EngineStats, EngineView, build_snapshot
+from runtime.step_hooks import StepChecks, StepHandles
 from runtime.telemetry import TokenEvent, TokenVerdict
 from runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -83,15 +89,33 @@ class Engine:
             copy_hooks or self.monitor.faults.copy_hooks(),
         )
         self.pool, self.sched = self.kv.pool, self.kv.sched
-        self.monitor.attach(self)
+        kv = self.kv
+        handles = StepHandles(
+            kv.pool, kv.alloc, kv.tiers, kv.host, kv.disk, self.sched.get, c.page_size, self.device
+        )
+        self.monitor.attach(
+            handles, self.tokenizer, self._recompute, exact=self.dtype == torch.float32
+        )
+        # The step hooks (runtime/step_hooks.py), called in this order at every point: the
+        # injector first, so its late writes land before the monitor re-hashes and invalidates.
+        self.hooks = (self.monitor.faults, self.monitor)
         self.runner = self._runner(c)
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
         self._active: dict[str, Request] = {}  # submitted, not finished
-        self._started = time.monotonic()
-        self._tokens_generated = 0
-        self._decode_rate = 0.0
-        self._prefill_rate = 0.0
+        self.stats = EngineStats(started=time.monotonic())
+        self._view = EngineView(
+            self.model_dir,
+            self.model_config.arch,
+            str(self.device),
+            c.page_size,
+            kv,
+            self.tokenizer,
+            MappingProxyType(self._requests),
+            self.stats,
+            self.monitor.events,
+            self.weight_plan,
+        )
         self._last_snapshot = None
         self._idle_steps = 0
 
@@ -145,6 +169,18 @@ class Engine:
     def request(self, request_id: str) -> Request:
         return self._requests[request_id]
 
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's record (long-running benches keep the table small)."""
+        with self._lock:
+            if request_id in self._active:
+                raise RequestError(f"request {request_id!r} is still running; abort it first")
+            self._requests.pop(request_id, None)
+
+    @property
+    def requests(self):
+        """Every request submitted (finished ones included), by id: a read-only mapping."""
+        return self._view.requests
+
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._active) or self.kv.tiers.transfers_in_flight > 0
@@ -163,7 +199,8 @@ class Engine:
         """Finish transfers in flight (L2/L3 backups), stop the copy threads and the CPU
         graph's compile thread."""
         with self._lock:
-            self.monitor.land_all_late_writes()
+            for h in self.hooks:
+                h.close()
             self.kv.close()
             self.runner.close()
 
@@ -185,71 +222,96 @@ class Engine:
         )
 
     def step(self) -> list[TokenEvent]:
-        """One iteration: schedule, run the model once, commit, sample, stream."""
+        """One iteration: schedule -> forward -> verify -> sample -> commit -> stream."""
         with self._lock:
-            batch = self.sched.step()
-            events = []
-            for out in batch.ended:  # timeouts
-                req = self._active.get(out.request_id)
-                if req is not None:
-                    events.append(self._finish(req, out.finish_reason or "timeout", "aborted"))
-            for rid in batch.preempted:
-                if rid in self._active:
-                    self._active[rid].status = "waiting"
-            if not batch.seqs:  # waiting on transfers (L3 prefetch, drains): let them progress
-                if self.kv.tiers.transfers_in_flight:
-                    self.kv.tiers.wait_progress(0.01)
-                self.sched.commit(batch, {})
-                self.monitor.idle_step()  # delayed writers still land (and ack) on idle steps
-                return events + self._check_stall(batch)
+            batch = self.sched.step()  # schedule
+            events = self._settle_unscheduled(batch)
+            if not batch.seqs:
+                return events + self._idle_step(batch)
             self._idle_steps = 0
             t0 = time.perf_counter()
-            checks = self.monitor.before_forward(batch)
-            logits = self._forward(self._build_batch(batch.seqs))
-            self.monitor.after_forward(batch, checks)
-            sampled, shadows = self._sample(batch, logits, checks)
-            outs = self.sched.commit(batch, sampled, discard=checks.bad)
-            victim = self.monitor.faults.maybe_hold_back(self, batch)
-            for rid, reasons in checks.bad.items():  # recovered: recomputed, never emitted
-                if rid in self._active:
-                    self._active[rid].violations.append("recovered: " + "; ".join(reasons))
-                    self.monitor.event(rid, "recovery", "step discarded and recomputed")
-                    self.monitor.faults.note_recovered(reasons)
-            for rid, slot in self.sched.rolled_back:  # a tier copy failed its checksum
-                if rid in self._active:
-                    reason = f"page {slot} loaded from L2/L3 failed its checksum"
-                    self._active[rid].violations.append("recovered: " + reason)
-                    self.monitor.event(rid, "checksum", reason, [slot])
-            self.sched.rolled_back.clear()
-            for out in outs:
+            checks = StepChecks(pages={w.request_id: w.page_table for w in batch.seqs})
+            for h in self.hooks:
+                h.before_forward(batch, checks)
+            logits = self._forward(self._build_batch(batch.seqs))  # forward
+            for h in self.hooks:  # verify the step's reads
+                h.after_forward(batch, checks)
+            sampled, shadows = self._sample(batch, logits, checks)  # sample
+            outs = self.sched.commit(batch, sampled, discard=checks.bad)  # commit
+            victims = [rid for h in self.hooks for rid in h.after_commit(batch, checks)]
+            self._note_recoveries(checks)
+            for out in outs:  # stream
                 req = self._active.get(out.request_id)
                 if req is not None:
-                    verdict = token_verdict(self, req, checks, shadows.get(out.request_id))
+                    verdict = self.monitor.verdict(
+                        req.request_id, checks, shadows.get(req.request_id)
+                    )
                     events.append(self._emit(req, out.token_id, out.finish_reason, verdict))
-            if victim is not None and victim in self._active:  # the injected timeout
-                events += self.abort(victim, "timeout")
-            self.monitor.faults.corrupt_tiers(self)
-            for w in batch.seqs:  # mirror the scheduler's view for telemetry
-                seq = self.sched.get(w.request_id)
-                req = self._requests[w.request_id]
-                if seq is not None:
-                    req.pages, req.computed = list(seq.pages), seq.computed
-                    req.cached_tokens = {
-                        t: (seq.cached or {}).get(t, 0) for t in ("L1", "L2", "L3")
-                    }
-            dt = time.perf_counter() - t0
-            self.monitor.note_step(dt)
-            rate = batch.num_tokens / dt if dt > 0 else 0.0
-            if all(len(w.token_ids) == 1 for w in batch.seqs):
-                self._decode_rate = rate
-            else:
-                self._prefill_rate = rate
+            for victim in victims:  # an injected timeout
+                if victim in self._active:
+                    events += self.abort(victim, "timeout")
+            for h in self.hooks:
+                h.end_step()
+            self._mirror_scheduler(batch)
+            self._note_rate(batch, time.perf_counter() - t0)
             return events
+
+    def _settle_unscheduled(self, batch) -> list[TokenEvent]:
+        """Requests the scheduler ended (timeouts) or preempted this step."""
+        events = []
+        for out in batch.ended:  # timeouts
+            req = self._active.get(out.request_id)
+            if req is not None:
+                events.append(self._finish(req, out.finish_reason or "timeout", "aborted"))
+        for rid in batch.preempted:
+            if rid in self._active:
+                self._active[rid].status = "waiting"
+        return events
+
+    def _idle_step(self, batch) -> list[TokenEvent]:
+        """Nothing to compute (waiting on transfers: L3 prefetch, drains): let them progress."""
+        if self.kv.tiers.transfers_in_flight:
+            self.kv.tiers.wait_progress(0.01)
+        self.sched.commit(batch, {})
+        for h in self.hooks:
+            h.idle()
+        return self._check_stall(batch)
+
+    def _note_recoveries(self, checks: StepChecks) -> None:
+        """Discarded steps (recomputed, never emitted) and load-backs that failed checksums."""
+        for rid, reasons in checks.bad.items():
+            if rid in self._active:
+                self._active[rid].violations.append("recovered: " + "; ".join(reasons))
+                for h in self.hooks:
+                    h.recovered(rid, reasons)
+        for rid, slot in self.sched.rolled_back:  # a tier copy failed its checksum
+            if rid in self._active:
+                reason = f"page {slot} loaded from L2/L3 failed its checksum"
+                self._active[rid].violations.append("recovered: " + reason)
+                self.monitor.event(rid, "checksum", reason, [slot])
+        self.sched.rolled_back.clear()
+
+    def _mirror_scheduler(self, batch) -> None:
+        """Copy the scheduler's view of the step's sequences into their requests (telemetry)."""
+        for w in batch.seqs:
+            seq = self.sched.get(w.request_id)
+            req = self._requests[w.request_id]
+            if seq is not None:
+                req.pages, req.computed = list(seq.pages), seq.computed
+                req.cached_tokens = {t: (seq.cached or {}).get(t, 0) for t in ("L1", "L2", "L3")}
+
+    def _note_rate(self, batch, dt: float) -> None:
+        self.monitor.note_step(dt)
+        rate = batch.num_tokens / dt if dt > 0 else 0.0
+        if all(len(w.token_ids) == 1 for w in batch.seqs):
+            self.stats.decode_tok_per_s = rate
+        else:
+            self.stats.prefill_tok_per_s = rate
 
     def _runner(self, c: EngineConfig):
         """The model runner (runtime/models/runner.py): eager, CUDA graphs or compiled CPU
         decode steps, keyed for sharing compiled steps across engines of this process."""
-        from runtime.kv.stack import model_fingerprint
+        from runtime.kv.tier_stack import model_fingerprint
         from runtime.models.runner import ModelRunner
 
         disk = self.kv.disk  # its fingerprint is the same hash: not computed twice
@@ -270,7 +332,7 @@ class Engine:
     def _check_stall(self, batch) -> list[TokenEvent]:
         """Never spin forever: if nothing can run, nothing is in flight and nothing will land,
         the waiting requests cannot be served; end them with an error record."""
-        busy = self.kv.tiers.transfers_in_flight or self.monitor.faults.late or batch.ended
+        busy = self.kv.tiers.transfers_in_flight or any(h.busy() for h in self.hooks) or batch.ended
         self._idle_steps = 0 if busy or not self._active else self._idle_steps + 1
         if self._idle_steps < 1000:
             return []
@@ -283,28 +345,38 @@ class Engine:
         return events
 
     def _sample(self, batch, logits, checks) -> tuple[dict[str, int], dict]:
-        """Sample every finished sequence whose reads passed validation; on a sample of tokens
-        recompute the logits without the cache and discard the step if they disagree."""
+        """Sample every finished sequence whose reads passed validation; the hooks may check a
+        sampled token (shadow recompute) and discard the step if they distrust it."""
         sampled, shadows = {}, {}
         for i, w in enumerate(batch.seqs):
-            req = self._active[w.request_id]
+            rid = w.request_id
+            req = self._active[rid]
             req.status = "decode" if w.sample else "prefill"
-            if not w.sample or w.request_id in checks.bad:
+            if not w.sample or rid in checks.bad:
                 continue
             state = req.generator.get_state()
-            sampled[w.request_id] = sample(logits[i], req.params, req.generator)
-            if not self.monitor.shadow_due():
-                continue
-            top1, delta = self.monitor.shadow(req.tokens[: w.stop], logits[i])
-            shadows[w.request_id] = (top1, delta)
-            if not top1 or delta > self.monitor.shadow_tolerance():
-                reason = f"shadow recompute disagrees (max |dlogit| {delta:.3g})"
-                checks.bad[w.request_id].append(reason)
-                self.monitor.event(w.request_id, "shadow", reason, w.page_table)
-                self.kv.tiers.invalidate(list(w.page_table))  # which page is bad: unknown
-                del sampled[w.request_id]
+            sampled[rid] = sample(logits[i], req.params, req.generator)
+            for h in self.hooks:
+                shadow = h.check_sample(rid, req.tokens[: w.stop], logits[i], w.page_table, checks)
+                if shadow is not None:
+                    shadows[rid] = shadow
+            if rid in checks.bad:  # distrusted: never emitted
+                del sampled[rid]
                 req.generator.set_state(state)  # the regenerated token draws the same sample
         return sampled, shadows
+
+    def _recompute(self, tokens: list[int]) -> torch.Tensor:
+        """Next-token logits [V] of `tokens` without the cache (a scratch pool): the shadow."""
+        cfg, ps, n = self.model_config, self.config.page_size, len(tokens)
+        pool = KVPool(cfg.num_layers, -(-n // ps), ps, cfg.plane_widths(), self.dtype, self.device)
+        rows = token_rows(list(range(pool.num_slots)), 0, n, ps).to(self.device)
+        batch = ForwardBatch(
+            torch.tensor(tokens, device=self.device),
+            torch.arange(n, device=self.device),
+            rows,
+            [SeqChunk(0, n, 0, rows)],
+        )
+        return self.model.forward(batch, pool)[0]
 
     def _build_batch(self, seqs) -> ForwardBatch:
         ids, pos, rows, chunks, off = [], [], [], [], 0
@@ -334,7 +406,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = now
         req.output_ids.append(tok)
-        self._tokens_generated += 1
+        self.stats.tokens_generated += 1
         req.text += req.decoder.push(tok) if tok not in self.eos_ids else ""
         verdict = self.monitor.text_checks(req, verdict)
         reason = sched_reason  # "stop" (EOS) or "length" from the scheduler
@@ -377,12 +449,10 @@ class Engine:
     def snapshot(self):
         """Immutable telemetry. Never waits for a running step: while one holds the lock, the
         snapshot taken at the end of the previous call is returned."""
-        from runtime.snapshot import build_snapshot
-
         if not self._lock.acquire(blocking=self._last_snapshot is None):
             return self._last_snapshot
         try:
-            self._last_snapshot = build_snapshot(self)
+            self._last_snapshot = build_snapshot(self._view)
             return self._last_snapshot
         finally:
             self._lock.release()

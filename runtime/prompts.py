@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.config import ModelConfig
 from runtime.errors import RequestError, TokenizerError
+from runtime.model_config import ModelConfig
 from runtime.tokenizer import Tokenizer
 
 

@@ -1,8 +1,12 @@
-"""Builds the immutable EngineSnapshot from live engine state (caller holds the engine lock)."""
+"""Builds the immutable EngineSnapshot from an `EngineView`: the engine's state, read only
+(caller holds the engine lock)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from runtime.telemetry import (
     TIERS,
@@ -14,9 +18,35 @@ from runtime.telemetry import (
 )
 
 
+@dataclass
+class EngineStats:
+    """Counters the engine updates after each step (read by snapshots and benches)."""
+
+    started: float  # time.monotonic() at engine start
+    tokens_generated: int = 0
+    decode_tok_per_s: float = 0.0  # last decode-only step
+    prefill_tok_per_s: float = 0.0  # last step with a prefill chunk
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What a snapshot reads. The fields are the engine's live objects; nothing here writes."""
+
+    model_dir: Path
+    arch: str
+    device: str
+    page_size: int
+    kv: object  # the cache stack: alloc, tree, tiers (runtime/cache_stack.py)
+    tokenizer: object | None
+    requests: Mapping  # request id -> Request, read-only
+    stats: EngineStats
+    events: Sequence  # the integrity monitor's event log
+    weight_plan: object | None = None
+
+
 def _requests(engine) -> tuple[RequestInfo, ...]:
     out = []
-    for req in engine._requests.values():
+    for req in engine.requests.values():
         out.append(
             RequestInfo(
                 request_id=req.request_id,
@@ -59,7 +89,7 @@ def _pages(engine) -> tuple[PageInfo, ...]:
 
 
 def _radix(engine) -> RadixSummary:
-    tree, ps = engine.kv.tree, engine.config.page_size
+    tree, ps = engine.kv.tree, engine.page_size
     leaves = [n for n in tree.nodes() if not n.children]
     deepest = sorted(leaves, key=lambda n: n.depth, reverse=True)[:5]
     longest = []
@@ -76,7 +106,7 @@ def _radix(engine) -> RadixSummary:
     )
 
 
-def build_snapshot(engine) -> EngineSnapshot:
+def build_snapshot(engine: EngineView) -> EngineSnapshot:
     stats = engine.kv.tiers.stats()
     tiers = tuple(
         TierUsage(
@@ -85,11 +115,11 @@ def build_snapshot(engine) -> EngineSnapshot:
         for t in TIERS
     )
     return EngineSnapshot(
-        time_s=time.monotonic() - engine._started,
+        time_s=time.monotonic() - engine.stats.started,
         model=str(engine.model_dir),
-        arch=engine.model_config.arch,
-        device=str(engine.device),
-        page_size=engine.config.page_size,
+        arch=engine.arch,
+        device=engine.device,
+        page_size=engine.page_size,
         tiers=tiers,
         pages=_pages(engine),
         requests=_requests(engine),
@@ -97,15 +127,15 @@ def build_snapshot(engine) -> EngineSnapshot:
         transfers_in_flight=stats.transfers_in_flight,
         evictions=stats.evictions,
         drained_pages=stats.drained_pages,
-        decode_tok_per_s=engine._decode_rate,
-        prefill_tok_per_s=engine._prefill_rate,
-        tokens_generated=engine._tokens_generated,
-        integrity_events=tuple(engine.monitor.events)[-200:],
+        decode_tok_per_s=engine.stats.decode_tok_per_s,
+        prefill_tok_per_s=engine.stats.prefill_tok_per_s,
+        tokens_generated=engine.stats.tokens_generated,
+        integrity_events=tuple(engine.events)[-200:],
         expert_heat=_expert_heat(engine),
     )
 
 
 def _expert_heat(engine) -> tuple[tuple[int, ...], ...]:
-    plan = getattr(engine, "weight_plan", None)
+    plan = engine.weight_plan
     heat = plan.expert_heat() if plan is not None else ()
     return tuple(tuple(int(x) for x in row) for row in heat)

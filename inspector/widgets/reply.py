@@ -10,9 +10,9 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Static
 
-from inspector.chat_model import Reply, Turn
 from inspector.format import VERDICT_STYLE
 from inspector.messages import TokenSelected
+from inspector.transcript import Reply, Turn
 
 
 class UserMessage(Static):

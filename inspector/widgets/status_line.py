@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from inspector.chat_model import Reply
 from inspector.format import VERDICT_MARK, fmt_rate, fmt_secs
+from inspector.transcript import Reply
 from runtime.telemetry import TIERS, EngineSnapshot
 
 _MARK_STYLE = {"ok": "green", "suspect": "yellow", "corrupt": "bold red"}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.integrity.config import FAULT_KINDS, IntegrityConfig
+from runtime.step_hooks import StepChecks, StepHandles, StepHooks
 
 SKIP_FENCE_PLANES = ("index_k", "latent", "k")
 COPY_DELAY_S = 0.003  # per layer step of a copy, while skip-fence is injected
@@ -40,15 +41,21 @@ class LateWrite:
     registered: bool  # False: the writer bypasses the drain (reclaim does not wait for it)
 
 
-class FaultInjector:
+class FaultInjector(StepHooks):
+    """A step hook (runtime/step_hooks.py) that injects the faults, counts what they did and
+    writes its events to the monitor's log. Touches only the KV handles it is attached to."""
+
     def __init__(self, cfg: IntegrityConfig, monitor) -> None:
         self.cfg, self.monitor = cfg, monitor
+        self.kv: StepHandles | None = None
         self.rng = random.Random(cfg.seed + 1)
         self.counts = {k: defaultdict(int) for k in FAULT_KINDS}
         self.late: list[LateWrite] = []
         self._ids = itertools.count(1)
         self._step = 0
-        self._corrupted: set[int] = set()
+
+    def attach(self, kv: StepHandles) -> None:
+        self.kv = kv
 
     def rate(self, kind: str) -> float:
         return self.cfg.faults.get(kind, 0.0)
@@ -61,12 +68,35 @@ class FaultInjector:
 
         return CopyHooks(before_step=lambda t, layer: time.sleep(COPY_DELAY_S))
 
+    # ---- step points ------------------------------------------------------------------------
+    def after_forward(self, batch, checks: StepChecks) -> None:
+        self.land_late_writes(checks)
+
+    def after_commit(self, batch, checks: StepChecks) -> list[str]:
+        victim = self.maybe_hold_back(batch)
+        return [] if victim is None else [victim]
+
+    def recovered(self, rid: str, reasons: list[str]) -> None:
+        self.note_recovered(reasons)
+
+    def end_step(self) -> None:
+        self.corrupt_tiers()
+
+    def idle(self) -> None:
+        """A step that computed nothing still advances time: delayed writers land (and ack)."""
+        self.tick()
+        self.land_late_writes(StepChecks())
+
+    def busy(self) -> bool:
+        return bool(self.late)
+
+    def close(self) -> None:
+        """Shutdown: every held-back write lands now (and acks), so no writer stays in flight."""
+        self.flush_late_writes()
+        self.land_late_writes(StepChecks())
+
     def tick(self) -> None:
         self._step += 1
-
-    def take_corrupted_slots(self) -> set[int]:
-        out, self._corrupted = self._corrupted, set()
-        return out
 
     # ---- skip-fence --------------------------------------------------------------------------
     def skip_fence(self, plane: str) -> bool:
@@ -92,7 +122,7 @@ class FaultInjector:
         self.counts[kind]["detected"] += 1
 
     # ---- abort-reuse ---------------------------------------------------------------------------
-    def maybe_hold_back(self, engine, batch) -> str | None:
+    def maybe_hold_back(self, batch) -> str | None:
         """After a step's commit: hold back one sequence's writes into its last, partly
         filled page as a delayed writer (registered on the page like any writer) and return
         the request to abort as timed out, or None."""
@@ -100,13 +130,14 @@ class FaultInjector:
         r = self.rate("abort-reuse")
         if not r or not batch.seqs or self.rng.random() >= r:
             return None
-        ps = engine.config.page_size
+        kv = self.kv
+        ps = kv.page_size
 
         def live(w) -> bool:  # still running, and its last page is still being written
-            seq = engine.sched.get(w.request_id)
+            seq = kv.seq(w.request_id)
             if seq is None or seq.status != "running" or len(seq.pages) <= w.stop // ps:
                 return False
-            return engine.kv.alloc.state(seq.pages[w.stop // ps]).value == "WRITING"
+            return kv.alloc.state(seq.pages[w.stop // ps]).value == "WRITING"
 
         cands = [w for w in batch.seqs if w.stop % ps and live(w)]
         if not cands:
@@ -116,15 +147,15 @@ class FaultInjector:
         first = max(w.start, (w.stop // ps) * ps)
         rows = torch.arange(first, w.stop) % ps + slot * ps  # the held-back rows of that page
         values = {
-            (layer, name): engine.pool.flat(layer, name).index_select(0, rows.to(engine.device))
-            for name in engine.pool.planes
-            for layer in range(engine.pool.num_layers)
+            (layer, name): kv.pool.flat(layer, name).index_select(0, rows.to(kv.device))
+            for name in kv.pool.planes
+            for layer in range(kv.pool.num_layers)
         }
         writer = f"late#{next(self._ids)}"
         register = self.cfg.protections and not self.cfg.bypass_drain
         if register:  # safe reclaim sees this writer: the page drains until it acks
-            engine.kv.alloc.begin_write(slot, writer)
-        epoch = engine.kv.alloc.epoch_of(slot)
+            kv.alloc.begin_write(slot, writer)
+        epoch = kv.alloc.epoch_of(slot)
         self.late.append(
             LateWrite(writer, self._step + 2, [slot], rows, values, w.request_id, epoch, register)
         )
@@ -134,14 +165,14 @@ class FaultInjector:
 
     def land_late_writes(self, checks) -> None:
         """Apply the held-back writes that are due; detect those that landed in a new epoch."""
-        engine = self.monitor.engine
+        kv = self.kv
         due = [lw for lw in self.late if lw.land_step <= self._step]
         self.late = [lw for lw in self.late if lw.land_step > self._step]
         for lw in due:
-            rows = lw.rows.to(engine.device)
+            rows = lw.rows.to(kv.device)
             for (layer, name), vals in lw.values.items():
-                engine.pool.flat(layer, name).index_copy_(0, rows, vals)
-            alloc = engine.kv.alloc
+                kv.pool.flat(layer, name).index_copy_(0, rows, vals)
+            alloc = kv.alloc
             # the writer acks with the epoch it began in: a newer epoch means the page changed
             # hands while this write was in flight (use-after-free)
             reused = [s for s in lw.slots if alloc.epoch_of(s) != lw.epoch]
@@ -149,7 +180,7 @@ class FaultInjector:
                 for slot in lw.slots:
                     alloc.end_write(slot, lw.writer)
             c = self.counts["abort-reuse"]
-            victims = {o for s in reused for o in engine.kv.alloc.records[s].owners}
+            victims = {o for s in reused for o in alloc.records[s].owners}
             if not reused:
                 c["prevented"] += 1  # safe reclaim kept the pages until this writer acked
                 detail = f"safe reclaim: page {lw.slots} drained until the delayed writer acked"
@@ -159,7 +190,6 @@ class FaultInjector:
             if not self.cfg.protections:
                 continue
             c["detected"] += 1
-            self._corrupted.update(reused)
             checks.bad_slots.update(reused)
             for rid in victims:
                 reason = f"late write of aborted {lw.victim} landed in pages {reused}"
@@ -175,9 +205,9 @@ class FaultInjector:
             lw.land_step = 0
 
     # ---- tier copies -------------------------------------------------------------------------
-    def corrupt_tiers(self, engine) -> None:
+    def corrupt_tiers(self) -> None:
         """host-bitflip / disk-corrupt, at their rates, once per step."""
-        kv = engine.kv
+        kv = self.kv
         if self.rate("host-bitflip") and kv.host is not None:
             ready = [i for i, s in enumerate(kv.host.slots) if s.state == "READY" and not s.busy]
             if ready and self.rng.random() < self.rate("host-bitflip"):

@@ -19,42 +19,51 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from runtime.integrity.config import IntegrityConfig
 from runtime.integrity.faults import FaultInjector
+from runtime.integrity.verdicts import apply_text_checks, token_verdict
 from runtime.kv.checksum import page_checksums
-from runtime.telemetry import IntegrityEvent
+from runtime.step_hooks import StepChecks, StepHandles, StepHooks
+from runtime.telemetry import IntegrityEvent, TokenVerdict
 
 
-@dataclass
-class StepChecks:
-    bad: dict[str, list[str]]  # request id -> reasons its step must be recomputed
-    pages: dict[str, tuple[int, ...]]  # request id -> pages whose reads were validated
-    checksums: dict[str, int]  # request id -> page planes re-hashed this step
-    bad_slots: set[int]  # L1 pages whose bytes cannot be trusted (invalidated in every tier)
+class IntegrityMonitor(StepHooks):
+    """The integrity hook of an engine (runtime/step_hooks.py). It owns the fault injector
+    (`faults`), a hook of its own that the engine runs first at every point."""
 
-
-class IntegrityMonitor:
     def __init__(self, cfg: IntegrityConfig):
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.faults = FaultInjector(cfg, self)
         self.events: deque[IntegrityEvent] = deque(maxlen=1000)
         self.pending_bad: dict[str, list[str]] = defaultdict(list)
-        self._fence_bad: dict[str, list[str]] = defaultdict(list)
-        self.engine = None
+        self._checks: StepChecks | None = None  # the step whose forward is running
+        self.kv: StepHandles | None = None
+        self._tokenizer = None
+        self._recompute: Callable[[list[int]], torch.Tensor] | None = None
+        self._exact = True
         self.busy_s = 0.0  # engine step time (note_step), shadows included
         self.shadow_s = 0.0  # time spent in shadow recomputes
         self.shadow_runs = 0
         self.shadow_skipped = 0  # sampled but skipped: over shadow_budget
 
-    def attach(self, engine) -> None:
-        """Install the read guard in the L1 pool accessor (replacing the plain fence wait)."""
-        self.engine = engine
-        engine.pool.read_guard = self.read_guard
+    def attach(
+        self,
+        kv: StepHandles,
+        tokenizer=None,
+        recompute: Callable[[list[int]], torch.Tensor] | None = None,
+        exact: bool = True,
+    ) -> None:
+        """Take the engine's KV handles and install the read guard in the L1 pool accessor
+        (replacing the plain fence wait). `recompute(tokens)` -> next-token logits [V] without
+        the cache (the shadow check); `exact`: fp32 model (tight shadow tolerance)."""
+        self.kv, self._tokenizer, self._recompute, self._exact = kv, tokenizer, recompute, exact
+        self.faults.attach(kv)
+        kv.pool.read_guard = self.read_guard
         self._t0 = time.monotonic()
 
     def event(self, rid: str, kind: str, detail: str, pages=()) -> None:
@@ -64,10 +73,10 @@ class IntegrityMonitor:
 
     # ---- inside the forward: every read goes through here -----------------------------------
     def read_guard(self, layer: int, plane: str, rows: torch.Tensor) -> None:
-        tiers = self.engine.kv.tiers
+        tiers = self.kv.tiers
         if not tiers.loads_in_flight():
             return
-        slots = torch.unique(rows // self.engine.config.page_size).tolist()
+        slots = torch.unique(rows // self.kv.page_size).tolist()
         skip = not self.cfg.protections or self.faults.skip_fence(plane)
         if not skip:
             tiers.wait_layer(slots, layer)
@@ -78,20 +87,20 @@ class IntegrityMonitor:
         if open_:
             self.faults.note_skip_fence(changed=True)
             if self.cfg.protections:
+                # straight into the running step's checks: before any late write's reason
+                bad = self._checks.bad if self._checks is not None else self.pending_bad
                 for slot in open_:
-                    for rid in self.engine.kv.alloc.records[slot].owners:
-                        self._fence_bad[rid].append(f"read {plane} L{layer} before its fence")
+                    for rid in self.kv.alloc.records[slot].owners:
+                        bad[rid].append(f"read {plane} L{layer} before its fence")
                         self.event(rid, "fence", f"{plane} layer {layer} read before fence", [slot])
                 self.faults.note_detected("skip-fence")
 
     # ---- around the forward -----------------------------------------------------------------
-    def before_forward(self, batch) -> StepChecks:
-        alloc = self.engine.kv.alloc
-        bad: dict[str, list[str]] = defaultdict(list)
-        pages = {}
+    def before_forward(self, batch, checks: StepChecks) -> None:
+        alloc, bad = self.kv.alloc, checks.bad
+        self._checks = checks
         for w in batch.seqs:
             rid = w.request_id
-            pages[rid] = w.page_table
             if rid in self.pending_bad:
                 bad[rid] += self.pending_bad.pop(rid)
             if not self.cfg.protections:
@@ -100,30 +109,21 @@ class IntegrityMonitor:
                 if not alloc.validate(slot, ep, rid):
                     bad[rid].append(f"page {slot} epoch/owner changed")
                     self.event(rid, "epoch", f"page {slot} epoch or owner changed", [slot])
-        return StepChecks(bad, pages, {}, set())
 
     def after_forward(self, batch, checks: StepChecks) -> None:
-        for rid, reasons in self._fence_bad.items():
-            checks.bad[rid] += reasons
-        self._fence_bad.clear()
-        self.faults.land_late_writes(checks)
+        """Runs after the injector's (which lands late writes): re-hash a sampled page, then
+        invalidate every untrusted page in every tier."""
+        self._checks = None
         if self.cfg.protections and self.rng.random() < self.cfg.checksum_sample:
             self._sample_checksum(batch, checks)
         if checks.bad_slots:
-            self.engine.kv.tiers.invalidate(sorted(checks.bad_slots))
+            self.kv.tiers.invalidate(sorted(checks.bad_slots))
 
-    def idle_step(self) -> None:
-        """A step that computed nothing still advances time for delayed writers."""
-        self.faults.tick()
-        self.faults.land_late_writes(StepChecks(defaultdict(list), {}, {}, set()))
-
-    def land_all_late_writes(self) -> None:
-        """Shutdown: every held-back write lands now (and acks), so no writer stays in flight."""
-        self.faults.flush_late_writes()
-        self.faults.land_late_writes(StepChecks(defaultdict(list), {}, {}, set()))
+    def recovered(self, rid: str, reasons: list[str]) -> None:
+        self.event(rid, "recovery", "step discarded and recomputed")
 
     def _sample_checksum(self, batch, checks: StepChecks) -> None:
-        alloc, pool = self.engine.kv.alloc, self.engine.pool
+        alloc, pool = self.kv.alloc, self.kv.pool
         candidates = [
             (w.request_id, s)
             for w in batch.seqs
@@ -142,10 +142,14 @@ class IntegrityMonitor:
                 checks.bad[owner].append(f"page {slot} checksum mismatch")
                 self.event(owner, "checksum", f"page {slot} bytes changed in L1", [slot])
 
-    def text_checks(self, req, verdict):
-        from runtime.integrity.verdicts import apply_text_checks
+    # ---- verdicts --------------------------------------------------------------------------------
+    def verdict(self, rid: str, checks: StepChecks, shadow) -> TokenVerdict:
+        """The verdict of a token of `rid` produced by a step whose reads passed validation."""
+        return token_verdict(rid, checks, shadow, self.cfg.protections, self.shadow_tolerance())
 
-        tok = self.engine.tokenizer
+    def text_checks(self, req, verdict: TokenVerdict) -> TokenVerdict:
+        """Once the token is in the request's text: repetition / unexpected characters."""
+        tok = self._tokenizer
         if not hasattr(req, "_prompt_text"):
             req._prompt_text = tok.decode(req.prompt_ids) if tok is not None else ""
         return apply_text_checks(req, verdict, req._prompt_text)
@@ -166,27 +170,28 @@ class IntegrityMonitor:
         """The engine's time for one step that computed something (shadows included)."""
         self.busy_s += seconds
 
+    def check_sample(self, rid, tokens, logits, pages, checks) -> tuple[bool, float] | None:
+        """The shadow check of a sampled token: on a sample of tokens recompute the logits
+        without the cache; if they disagree the step is discarded and its pages invalidated
+        in every tier (which page is bad is unknown)."""
+        if not self.shadow_due():
+            return None
+        top1, delta = self.shadow(tokens, logits)
+        if not top1 or delta > self.shadow_tolerance():
+            reason = f"shadow recompute disagrees (max |dlogit| {delta:.3g})"
+            checks.bad[rid].append(reason)
+            self.event(rid, "shadow", reason, pages)
+            self.kv.tiers.invalidate(list(pages))
+        return top1, delta
+
     def shadow(self, tokens: list[int], served: torch.Tensor) -> tuple[bool, float]:
         """Recompute the next-token logits of `tokens` without the cache; compare."""
-        from runtime.kv.pool import KVPool, token_rows
-        from runtime.models.batch import ForwardBatch, SeqChunk
-
-        e = self.engine
-        cfg, ps, n = e.model_config, e.config.page_size, len(tokens)
-        pool = KVPool(cfg.num_layers, -(-n // ps), ps, cfg.plane_widths(), e.dtype, e.device)
-        rows = token_rows(list(range(pool.num_slots)), 0, n, ps).to(e.device)
-        batch = ForwardBatch(
-            torch.tensor(tokens, device=e.device),
-            torch.arange(n, device=e.device),
-            rows,
-            [SeqChunk(0, n, 0, rows)],
-        )
         t0 = time.perf_counter()
-        ref = e.model.forward(batch, pool)[0]
+        ref = self._recompute(tokens)
         self.shadow_s += time.perf_counter() - t0
         self.shadow_runs += 1
         top1 = int(ref.argmax()) == int(served.argmax())
         return top1, float((ref - served).abs().max())
 
     def shadow_tolerance(self) -> float:
-        return self.cfg.shadow_tol if self.engine.dtype == torch.float32 else 5e-2
+        return self.cfg.shadow_tol if self._exact else 5e-2

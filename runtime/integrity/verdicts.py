@@ -12,23 +12,25 @@ def worst(a: str, b: str) -> str:
     return a if RANK[a] >= RANK[b] else b
 
 
-def token_verdict(engine, req, checks, shadow: tuple[bool, float] | None) -> TokenVerdict:
-    """The verdict of a token produced by a step whose reads passed validation."""
-    protected = engine.monitor.cfg.protections
+def token_verdict(
+    rid: str, checks, shadow: tuple[bool, float] | None, protected: bool, shadow_tol: float
+) -> TokenVerdict:
+    """The verdict of a token of request `rid` produced by a step whose reads passed
+    validation (`checks`: the step's StepChecks; `shadow`: its shadow result, if checked)."""
     reasons: list[str] = []
     verdict = "ok"
     if not protected:
         reasons.append("protections off (--unsafe): reads not validated")
-    if shadow is not None and (not shadow[0] or shadow[1] > engine.monitor.shadow_tolerance()):
+    if shadow is not None and (not shadow[0] or shadow[1] > shadow_tol):
         verdict, reasons = "corrupt", reasons + ["shadow recompute disagrees"]
-    pages = checks.pages.get(req.request_id, ())
+    pages = checks.pages.get(rid, ())
     return TokenVerdict(
         verdict=verdict,
         reasons=tuple(reasons),
         pages=tuple(pages),
         epochs_ok=protected,
         fences_ok=protected,
-        checksums_verified=checks.checksums.get(req.request_id, 0),
+        checksums_verified=checks.checksums.get(rid, 0),
         shadow=shadow,
     )
 

@@ -73,10 +73,6 @@ class KVPool:
             self.read_guard(layer, name, rows)
         return self.flat(layer, name).index_select(0, rows)
 
-    def page_view(self, name: str, slot: int) -> torch.Tensor:
-        """All layers of one page of one plane: [num_layers, page_size, *tail] (a view)."""
-        return self.planes[name][:, slot]
-
 
 def token_rows(page_table: list[int] | torch.Tensor, start: int, end: int, page_size: int):
     """Flat row indices [end - start] for positions start..end-1 of a sequence."""

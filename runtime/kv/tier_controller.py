@@ -4,7 +4,7 @@ Owns the policy, not the bytes: the allocator (L1 records), the radix tree (wher
 page lives), the host pool (L2), the disk store (L3) and the copy engine (asynchronous copies with
 fences). Everything runs on the engine thread; the copy engine's workers only move bytes and the
 controller applies their results in `poll()`. Eviction and the transfers themselves live in the
-base class, runtime/kv/tier_moves.py.
+base class, runtime/kv/tier_controller_base.py.
 
 Flows:
 - `prefetch`: pages of a prompt found only in L3 are read into L2 slots (io worker); admission
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from runtime.kv.allocator import PageState
 from runtime.kv.radix import RadixNode, chain_hash
-from runtime.kv.tier_moves import LoadFailure, TierMoves, WritePolicy
+from runtime.kv.tier_controller_base import LoadFailure, TierMoves, WritePolicy
 
 __all__ = ["WritePolicy", "PrefixHit", "LoadFailure", "TierStats", "TierController"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from runtime.config import ModelConfig
 from runtime.layersplit.ownership import assign_layers, layer_token_bytes
+from runtime.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,8 @@ def validate(n_ranks: int = 3) -> str:
     """Run the tiny glm_moe_dsa (5 layers) on n_ranks gloo ranks; measured vs predicted."""
     import tempfile
 
-    from runtime.config import load_config
     from runtime.layersplit.runner import run_layer_split
+    from runtime.model_config import load_config
     from runtime.weights.tiny import write_tiny
 
     with tempfile.TemporaryDirectory() as d:

@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from runtime.config import ModelConfig
 from runtime.kv.pool import KVPool
+from runtime.model_config import ModelConfig
 
 
 def layer_planes(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime.config import load_config
 from runtime.errors import KvscopeError
 from runtime.kv.allocator import PageState
 from runtime.layersplit.collective import Collective
@@ -26,6 +25,7 @@ from runtime.layersplit.pages import RankPages, RankSeq
 from runtime.layersplit.rank_tiers import RankTiers, TierConfig
 from runtime.layersplit.telemetry import RankTelemetry
 from runtime.layersplit.worker import RankWorker
+from runtime.model_config import load_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

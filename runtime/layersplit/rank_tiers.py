@@ -1,7 +1,8 @@
 """One rank's KV tiers under LayerSplit, built from the HiCache pieces in runtime/kv/ as is:
 L1 page pool over the rank's owned layers (`RankKV`), page allocator (owners, epochs,
 DRAINING), radix prefix tree, L2 host pool and optional L3 disk store over the same layers,
-copy engine (per-layer fences, local layer index) and tier controller.
+copy engine (per-layer fences, local layer index) and tier controller, wired by the one
+tier-stack builder runtime/kv/tier_stack.py (the engine's too).
 
 Every tier of rank r holds only layers owners[r]. Budgets are per rank (`host_bytes`,
 `disk_bytes`); a rank's page is smaller than a single-rank page (owned layers only), so the same
@@ -22,15 +23,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
-from runtime.errors import KvscopeError
-from runtime.kv.allocator import PageAllocator
-from runtime.kv.copy_engine import CopyEngine
-from runtime.kv.disk_store import DiskStore
-from runtime.kv.host_pool import HostPool, plane_specs
-from runtime.kv.radix import RadixTree
-from runtime.kv.tier_controller import TierController
+from runtime.kv.tier_stack import DiskSpec, build_tier_stack, model_fingerprint
 from runtime.layersplit.ownership import RankKV, contiguous_range
+from runtime.model_config import ModelConfig
 
 TIERS = ("L1", "L2", "L3")
 
@@ -58,7 +53,7 @@ def rank_disk_dir(root, world: int, rank: int) -> Path:
 
 
 class RankTiers:
-    """L1/L2/L3 of one rank, wired like runtime/kv/stack.py does for one engine."""
+    """L1/L2/L3 of one rank, wired by the engine's tier-stack builder (runtime/kv/tier_stack.py)."""
 
     def __init__(
         self,
@@ -74,44 +69,22 @@ class RankTiers:
         ps = tc.page_size
         self.rank, self.world, self.layers, self.page_size = rank, len(owners), layers, ps
         self.kv = RankKV(cfg, layers, tc.num_slots, ps, dtype, device)
-        self.alloc = PageAllocator(tc.num_slots, ps)
-        self.tree = RadixTree(ps)
-        # fences are per local layer (the copy engine's layer index = RankKV's local index)
-        self.copier = CopyEngine(max(len(layers), 1), device)
-        specs = plane_specs(self.kv.planes)
-        bpp = self.kv.bytes_per_page
-        self.host = self.disk = None
-        if layers and (tc.host_bytes is not None or tc.disk_dir is not None):
-            nbytes = tc.host_bytes if tc.host_bytes is not None else 4 * tc.num_slots * bpp
-            n_host = HostPool.slots_for_bytes(specs, len(layers), ps, nbytes)
-            if n_host < 1:
-                raise KvscopeError(f"L2 budget too small: one page of rank {rank} needs {bpp} B")
-            self.host = HostPool(specs, len(layers), n_host, ps, pin=device.type == "cuda")
+        disk = None
         if layers and tc.disk_dir is not None:
-            from runtime.kv.stack import model_fingerprint
-
             fp = split_fingerprint(model_fingerprint(Path(model_dir), dtype, ps), owners)
             where = rank_disk_dir(tc.disk_dir, self.world, rank)
-            try:
-                self.disk = DiskStore(where, tc.disk_bytes, fp, ps, contiguous_range(layers), specs)
-            except OSError as e:
-                raise KvscopeError(f"--kv-disk {where}: cannot use ({e.strerror})") from None
-        self.tiers = TierController(
-            self.alloc,
-            self.tree,
-            self.copier,
-            self.kv.planes,
-            host=self.host,
-            disk=self.disk,
+            disk = DiskSpec(where, tc.disk_bytes, fp, contiguous_range(layers))
+        t = build_tier_stack(  # the engine's builder; fences per local layer (RankKV's index)
+            self.kv.pool,
+            device,
+            host_bytes=tc.host_bytes if layers else None,
+            disk=disk,
             policy=tc.write_policy,
+            host_flag=f"L2 budget of rank {rank}",
         )
-        self.kv.pool.read_guard = self._wait_fences  # invariant 2: readers cannot skip it
-
-    def _wait_fences(self, layer: int, plane: str, rows: torch.Tensor) -> None:
-        """Read guard: wait for the load fence of local `layer` of every page read."""
-        if self.tiers.loads_in_flight():
-            slots = torch.unique(rows // self.page_size).tolist()
-            self.tiers.wait_layer(slots, layer)
+        self.alloc, self.tree, self.copier = t.alloc, t.tree, t.copier
+        self.host, self.disk, self.tiers = t.host, t.disk, t.tiers
+        self._stack = t
 
     # ---- telemetry -----------------------------------------------------------------------------
     def kv_pages(self) -> dict[str, int]:
@@ -141,5 +114,4 @@ class RankTiers:
 
     def close(self) -> None:
         """Finish every transfer (L2 backups, L3 writes) and stop the copy workers."""
-        self.tiers.drain()
-        self.copier.close()
+        self._stack.close()

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import load_config
 from runtime.errors import KvscopeError
 from runtime.kv.pool import KVPool
 from runtime.layersplit.rank import DTYPES, plan_owners, rank_main
 from runtime.layersplit.telemetry import RankTelemetry, layer_owners
+from runtime.model_config import load_config
 
 __all__ = ["LayerSplitResult", "default_num_slots", "plan_owners", "rank_main", "run_layer_split"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model_config import ModelConfig
 from runtime.models.base import CausalLM
 from runtime.weights.checkpoint import Checkpoint
 

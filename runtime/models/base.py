@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-from runtime.config import ModelConfig
 from runtime.errors import CheckpointError
 from runtime.kv.pool import KVPool
+from runtime.model_config import ModelConfig
 from runtime.models.batch import ForwardBatch
 from runtime.models.layers import DenseMLP, Experts, MoE, Router, linear
 from runtime.models.rope import RotaryTables

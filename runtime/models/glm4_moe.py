@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model_config import ModelConfig
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.layers import linear
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.config import ModelConfig
+from runtime.model_config import ModelConfig
 from runtime.models.base import CausalLM, WeightReader
 from runtime.models.layers import linear
 from runtime.models.rope import yarn_mscale

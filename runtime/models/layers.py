@@ -12,15 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import use_triton
-
-
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ w.T + b for a plain weight tensor [out, in], or for a quantized / offloaded
-    weight object that is callable as w(x) (see runtime/weights/)."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, b)
-    y = w(x)
-    return y if b is None else y + b
+from runtime.weights.linear import linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

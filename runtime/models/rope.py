@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model_config import ModelConfig
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

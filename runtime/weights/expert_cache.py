@@ -247,7 +247,7 @@ class ExpertCache:
 
     def _calibrate(self, key: Key) -> bool:
         """Measure this machine's CPU expert throughput and host->device copy speed once."""
-        from runtime.models.layers import linear
+        from runtime.weights.linear import linear
 
         rec = self.store.record(*key)
         gu, dn = self.fmt.decode(rec)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import ModelConfig
 from runtime.errors import KvscopeError
+from runtime.model_config import ModelConfig
 from runtime.weights import fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.quant import (

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from runtime.config import parse_config
+from runtime.model_config import parse_config
 
 BASE = {
     "glm_moe_dsa": {

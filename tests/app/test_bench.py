@@ -14,7 +14,7 @@ from app.bench_figures import FigureSpec, build_figure, ratio
 from app.bench_floors import bytes_per_step, decode_floor_tok_s, param_counts
 from app.bench_runners import RunResult
 from app.cli import main
-from runtime.config import load_config
+from runtime.model_config import load_config
 from runtime.weights.tiny import write_tiny
 
 pytest.importorskip("transformers")

@@ -170,7 +170,7 @@ def test_mini_is_the_anchors_configuration():
     6.43 B parameters, 650 M active per token; a typo here would cost a GPU run."""
     from app.bench_floors import param_counts
     from app.gpu_sections import MINI
-    from runtime.config import parse_config
+    from runtime.model_config import parse_config
     from runtime.weights.tiny import tiny_config
 
     cfg = parse_config(tiny_config("glm_moe_dsa", **MINI))

@@ -40,7 +40,7 @@ class Decoding:
         self.eng.step()
         for i, rid in enumerate(self.rids):
             if self.eng.request(rid).done:
-                self.eng._requests.pop(rid)
+                self.eng.forget(rid)
                 self.rids[i] = self._submit(self.prompts[i])
 
 
@@ -66,7 +66,7 @@ def test_prefill_128_cold(benchmark, demo_shaped):
         rid = eng.submit(prompt_ids=prompt, max_new_tokens=1, ignore_eos=True)
         while not eng.request(rid).done:
             eng.step()
-        eng._requests.pop(rid)
+        eng.forget(rid)
 
     benchmark(prefill)
 
@@ -80,7 +80,7 @@ def test_prefill_128_cached_l1(benchmark, demo_shaped):
         rid = eng.submit(prompt_ids=prompt, max_new_tokens=1, ignore_eos=True)
         while not eng.request(rid).done:
             eng.step()
-        eng._requests.pop(rid)
+        eng.forget(rid)
 
     prefill()
     benchmark(prefill)

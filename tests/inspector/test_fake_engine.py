@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from inspector.engine_protocol import EngineProtocol
-from inspector.fake_engine import FakeEngine
 from runtime.telemetry import PAGE_STATES
+from tests.inspector.fake_engine import FakeEngine
 
 
 def run(engine: FakeEngine) -> list:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from textual.widgets import DataTable, Input, TabbedContent
 
 from inspector.app import KvscopeApp
-from inspector.fake_engine import FakeEngine
 from inspector.screens.chat import ChatScreen
 from inspector.screens.inspect import TABS, InspectScreen
 from inspector.screens.model_info import ModelInfoScreen
@@ -15,6 +14,7 @@ from inspector.widgets.status_line import StatusLine
 from inspector.widgets.tier_bars import TierBars
 from inspector.widgets.token_detail import TokenDetail
 from runtime.telemetry import RequestInfo
+from tests.inspector.fake_engine import FakeEngine
 
 
 def quiet(app: KvscopeApp) -> KvscopeApp:

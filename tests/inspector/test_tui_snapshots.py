@@ -9,8 +9,8 @@ Regenerate after an intended UI change with
 from __future__ import annotations
 
 from inspector.app import KvscopeApp
-from inspector.fake_engine import FakeEngine
 from inspector.widgets.page_map import PageMap
+from tests.inspector.fake_engine import FakeEngine
 
 PREFIX = "you are a careful assistant that explains paged attention caches " * 2
 

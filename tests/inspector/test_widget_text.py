@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from inspector.fake_engine import FakeEngine
 from inspector.format import bar, human_bytes, ranges
 from inspector.widgets.chart import build_chart
 from inspector.widgets.experts import heat_text, split_text
@@ -16,6 +15,7 @@ from inspector.widgets.tables import event_counts
 from inspector.widgets.tier_bars import tier_lines
 from inspector.widgets.token_detail import describe_token
 from runtime.telemetry import IntegrityEvent, PageInfo, TokenEvent, TokenVerdict
+from tests.inspector.fake_engine import FakeEngine
 
 
 def test_format_helpers():

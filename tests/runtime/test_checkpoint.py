@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.config import load_config, parse_config
 from runtime.engine import Engine, EngineConfig
 from runtime.errors import CheckpointError, ConfigError
+from runtime.model_config import load_config, parse_config
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.tiny import tiny_config, write_tiny
 

@@ -20,9 +20,9 @@ import warnings
 import pytest
 import torch
 
-from runtime.config import load_config
 from runtime.engine import Engine, EngineConfig
 from runtime.kv.pool import KVPool, token_rows
+from runtime.model_config import load_config
 from runtime.models import build_model, cpu_graph
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.models.cpu_graph import CpuDecodeGraph, bucket_of

@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from kernels import backend
-from runtime.config import load_config
 from runtime.kv.pool import KVPool, token_rows
+from runtime.model_config import load_config
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.models.cuda_graph import DecodeGraphs

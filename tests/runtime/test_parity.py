@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.config import load_config
 from runtime.engine import Engine, EngineConfig
 from runtime.kv.pool import KVPool, token_rows
+from runtime.model_config import load_config
 from runtime.models import build_model
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.weights.checkpoint import Checkpoint

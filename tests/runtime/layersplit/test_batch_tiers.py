@@ -7,9 +7,9 @@ page tables differ across ranks (slots handed out in a rank-specific order).
 
 from __future__ import annotations
 
-from runtime.config import load_config
 from runtime.layersplit import run_layer_split
 from runtime.layersplit.cost_model import measured, predict_traffic
+from runtime.model_config import load_config
 
 PAGE, NEW = 8, 6
 BASE = list(range(2, 21))  # 19 tokens: two full pages shared by several prompts

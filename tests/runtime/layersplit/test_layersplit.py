@@ -7,10 +7,10 @@ decode), a short one that crosses index_topk while decoding, and one shorter tha
 
 from __future__ import annotations
 
-from runtime.config import load_config
 from runtime.engine import Engine, EngineConfig
 from runtime.layersplit import assign_layers, run_layer_split
 from runtime.layersplit.cost_model import measured, predict_traffic
+from runtime.model_config import load_config
 from runtime.weights.tiny import write_tiny
 
 PAGE, NEW = 8, 8

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.config import load_config
 from runtime.errors import KvscopeError
 from runtime.kv.allocator import PageState
 from runtime.layersplit.collective import Collective
 from runtime.layersplit.drain import CrossRankDrain
 from runtime.layersplit.pages import RankPages, RankSeq
 from runtime.layersplit.rank_tiers import RankTiers, TierConfig
+from runtime.model_config import load_config
 
 PAGE = 8
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from app.options import add_common, engine_config
-from runtime.config import load_config
 from runtime.engine import Engine, EngineConfig
 from runtime.errors import KvscopeError
+from runtime.model_config import load_config
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.placement import LoadOptions, WeightPlan, footprint, parse_expert_cache
 from runtime.weights.quant import linear_nbytes

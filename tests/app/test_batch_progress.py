@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from inspector.batch_progress import BatchProgress
+from app.batch_progress import BatchProgress
 
 
 class Clock:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from inspector.chat_model import ChatSession
-from inspector.fake_engine import FakeEngine
 from inspector.history import TelemetryHistory
+from inspector.transcript import ChatSession
 from runtime.telemetry import TokenEvent, TokenVerdict
+from tests.inspector.fake_engine import FakeEngine
 
 
 def ev(rid, i, text, verdict="ok", finished=False, reason=None):

@@ -1,4 +1,4 @@
-"""FakeEngine: a deterministic TEST DOUBLE of the engine API, for inspector tests and UI work.
+"""FakeEngine: a deterministic TEST DOUBLE of the engine API, for inspector tests (tests only).
 
 It produces words from a fixed list and simulates the KV bookkeeping the inspector draws: L1 page
 slots moving FREE -> WRITING -> READY -> CACHED (DRAINING on abort, LOADING on a hit in L2/L3),

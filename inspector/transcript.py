@@ -1,4 +1,5 @@
-"""ChatSession: the conversation as plain data, mutated only on the UI thread.
+"""The chat transcript (ChatSession, turns, replies): the conversation as plain data, mutated only
+on the UI thread.
 
 The chat screen renders it; the app feeds it token events. Keeping it out of the widgets lets
 the transcript survive screen switches and be tested without Textual.

@@ -1,6 +1,7 @@
-"""Tier moves: eviction and the asynchronous copies between L1, L2 and L3, and their results.
+"""TierMoves, the base of `TierController`: eviction and the asynchronous copies between L1, L2
+and L3, and their results.
 
-The base of `TierController` (runtime/kv/tier_controller.py): it holds the shared state (the
+Its subclass is runtime/kv/tier_controller.py. It holds the shared state (the
 allocator, the radix tree, the host pool, the disk store, the copy engine, the transfers in
 flight) and every operation that moves a page between tiers:
 - eviction: `evict_l1` (LRU unlocked CACHED pages; `write_back` backs a page up to L2 first and
