@@ -95,6 +95,10 @@ def cmd_batch(args) -> int:
                 )
         engine.close()
     if stop.status is not None:
+        sys.stderr.write(
+            f"kvscope batch: stopped by a signal; {summary['requests']} lines written to "
+            f"{out}; the rest runs with --resume\n"
+        )
         return stop.status
     return 3 if args.strict and summary["corrupt"] else 0
 
