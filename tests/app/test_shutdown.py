@@ -107,7 +107,7 @@ def test_batch_on_a_fresh_checkpoint_exits_0_with_a_compile_in_flight(tmp_path):
         timeout=300,
     )
     assert made.returncode == 0 and made.stderr == "", made.stderr
-    inp = _requests(tmp_path / "in.jsonl", 2, 32)  # 2 x 12 tokens: the old code crashed 1 in 2
+    inp = _requests(tmp_path / "in.jsonl", 2, 32)  # old code: 2 x 32 crashed 2 runs in 2
     out = tmp_path / "out.jsonl"
     run = subprocess.run(
         [KVSCOPE, "batch", "--model", str(ckpt), "--input", str(inp), "--output", str(out)]
