@@ -33,10 +33,13 @@ from runtime.kv.allocator import PageState
 RSS_BOUND_MB = 64.0  # allowed resident-memory growth after the warm-up
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "RssAnon") -> float:
+    """Resident memory in MB. RssAnon (the default) is the process's own heap: VmRSS also counts
+    the memory-mapped checkpoint, which the kernel drops and reloads under memory pressure from
+    other processes (a 79 MB fall in one interval on the shared machine), hiding growth."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -153,6 +156,7 @@ def run_soak(
                         point = {
                             "requests": finished,
                             "rss_mb": round(_rss_mb(), 1),
+                            "vmrss_mb": round(_rss_mb("VmRSS"), 1),
                             "fds": _fds(),
                             "threads": _threads(),
                             "py_threads": threading.active_count(),
@@ -202,14 +206,14 @@ def print_soak(rep: dict) -> None:
         f"{p['L3_pages']}; page references left: {p['references']}"
     )
     print(
-        f"  after the warm-up ({rep['warmup_requests']} requests): RSS "
+        f"  after the warm-up ({rep['warmup_requests']} requests): RssAnon "
         f"{rep['rss_growth_mb']:+.1f} MB (bound {rep['rss_bound_mb']} MB), fds "
         f"{rep['fd_growth']:+d}, threads {rep['thread_growth']:+d}: "
         f"{'OK' if rep['ok'] else 'LEAK'}"
     )
-    print("  requests   RSS MB   fds  threads  seconds")
+    print("  requests  RssAnon MB  VmRSS MB   fds  threads  seconds")
     for pt in rep["curve"]:
         print(
-            f"  {pt['requests']:8d} {pt['rss_mb']:8.1f} {pt['fds']:5d} {pt['threads']:8d} "
-            f"{pt['seconds']:8.1f}"
+            f"  {pt['requests']:8d} {pt['rss_mb']:11.1f} {pt['vmrss_mb']:9.1f} {pt['fds']:5d} "
+            f"{pt['threads']:8d} {pt['seconds']:8.1f}"
         )
