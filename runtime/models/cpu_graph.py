@@ -103,7 +103,11 @@ BATCH_BUCKETS = (1, 4, 8, 16, 32, 64, 128)  # few buckets: each compiles for ~1 
 _COMPILE_LOCK = threading.Lock()  # one compile at a time in this process, whatever engine asks
 _GRAPHS: weakref.WeakSet = weakref.WeakSet()  # every CpuDecodeGraph of this process
 _ABANDONED = threading.Event()  # set at shutdown: no compile starts any more
-VERBOSE = os.environ.get("KVSCOPE_VERBOSE", "0") not in ("", "0")  # tracebacks on stderr too
+
+
+def _verbose() -> bool:
+    """--verbose (app/cli.py sets KVSCOPE_VERBOSE=1): tracebacks on stderr too."""
+    return os.environ.get("KVSCOPE_VERBOSE", "0") not in ("", "0")
 
 
 class CompileAbandoned(BaseException):
@@ -138,10 +142,22 @@ class _CompileThreadLogs(logging.Filter):
             return True
         if record.levelno >= logging.WARNING:
             _log_detail(logging.Formatter().format(record))
-        return VERBOSE
+        return _verbose()
 
 
 _FILTER = _CompileThreadLogs()
+_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings raised inside a compile thread go to failure_log() (unless --verbose)."""
+    if threading.current_thread().name == "kvscope-cpu-graph" and not _verbose():
+        _log_detail(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+        return
+    _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_warning
 
 
 def _quiet_torch_logs() -> None:
@@ -435,7 +451,7 @@ class CpuDecodeGraph:
         detail = "".join(traceback.format_exception(exc))
         where = _log_detail(f"bucket batch {bucket[0]}, {bucket[1]} columns\n{detail}")
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        if VERBOSE:
+        if _verbose():
             sys.stderr.write(detail)
         sys.stderr.write(
             f"kvscope: CPU decode graph: compiling bucket (batch {bucket[0]}, {bucket[1]} "

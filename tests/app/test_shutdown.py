@@ -234,12 +234,16 @@ def test_tui_quits_on_ctrl_q_and_its_threads_end(tiny_dsa):
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
-@pytest.mark.parametrize("mode", ["chat", "inspect"])
-def test_tui_process_quits_on_ctrl_q_with_exit_0(tmp_path, tiny_dsa, mode):
-    """The real process under tmux: Ctrl+Q, exit status 0 (written by the shell)."""
+@pytest.mark.parametrize(
+    "mode,stop,want", [("chat", "C-q", 0), ("inspect", "C-q", 0)] + [("chat", "SIGTERM", 143)]
+)
+def test_tui_process_quits_on_ctrl_q_with_exit_0(tmp_path, tiny_dsa, mode, stop, want):
+    """The real process under tmux: Ctrl+Q -> exit status 0 (written by the shell); SIGTERM
+    -> the app quits (terminal restored) with 143."""
     sock, status = str(tmp_path / "tmux.sock"), tmp_path / "status"
     env = _env(tmp_path)
-    cmd = f"{KVSCOPE} {mode} --model {tiny_dsa} --device cpu; echo $? > {status}"
+    cmd = f"{KVSCOPE} {mode} --model {tiny_dsa} --device cpu; echo $? > {status}; "
+    cmd += f"stty -a > {tmp_path / 'stty'}; sleep 30"  # the pane's tty as the app left it
     tmux = ["tmux", "-S", sock]
     subprocess.run([*tmux, "new-session", "-d", "-x", "100", "-y", "30", cmd], env=env, check=True)
     try:
@@ -252,12 +256,24 @@ def test_tui_process_quits_on_ctrl_q_with_exit_0(tmp_path, tiny_dsa, mode):
                 break
             assert time.monotonic() < deadline, screen
             time.sleep(0.5)
-        subprocess.run([*tmux, "send-keys", "C-q"], check=True)
+        if stop == "SIGTERM":
+            shell = subprocess.run(
+                [*tmux, "list-panes", "-F", "#{pane_pid}"], capture_output=True, text=True
+            ).stdout.split()[0]
+            child = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True)
+            os.kill(int(child.stdout.split()[0]), signal.SIGTERM)
+        else:
+            subprocess.run([*tmux, "send-keys", stop], check=True)
         deadline = time.monotonic() + 60
-        while not status.exists():
+        while not status.exists() or not status.read_text().strip():
             assert time.monotonic() < deadline, "the app did not quit"
             time.sleep(0.2)
-        time.sleep(0.2)
-        assert status.read_text().strip() == "0"
+        assert status.read_text().strip() == str(want)
+        # the app restored the terminal: a killed Textual app leaves the tty raw (-icanon)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "stty").exists() or not (tmp_path / "stty").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert " icanon" in (tmp_path / "stty").read_text()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
