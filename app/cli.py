@@ -77,7 +77,10 @@ def cmd_batch(args) -> int:
     if args.layer_split > 1:  # greedy, per-rank tiers: app/layersplit_batch.py
         from app.layersplit_batch import run_layer_split_batch
 
-        return run_layer_split_batch(args)
+        if args.resume:  # it writes every line at the end, in input order
+            raise KvscopeError("--resume: not supported with --layer-split")
+        with shutdown.Stop():  # a signal raises shutdown.Interrupted: exit 130 / 143
+            return run_layer_split_batch(args)
     engine = _make_engine(args)
     defaults = {
         "max_new_tokens": args.max_new_tokens,

@@ -277,3 +277,34 @@ def test_tui_process_quits_on_ctrl_q_with_exit_0(tmp_path, tiny_dsa, mode, stop,
         assert " icanon" in (tmp_path / "stty").read_text()
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+BACKSTOP = """
+import sys, time
+from runtime.engine import Engine, EngineConfig
+from runtime.models.cpu_graph import bucket_of
+engine = Engine(sys.argv[1], EngineConfig(device="cpu", page_size=4))
+engine.cpu_graph.request(bucket_of(1, 8))
+deadline = time.monotonic() + 60
+while not engine.cpu_graph._compiling and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(15)  # inside fake-tensor tracing: the old daemon thread crashed here (134)
+print("compiling" if engine.cpu_graph._compiling else "idle", flush=True)
+# the script ends here: no Engine.close(), no app/shutdown
+"""
+
+
+def test_a_script_ending_during_a_compile_exits_0(tmp_path, tiny_dsa):
+    """Without the CLI: the interpreter's own exit abandons the compile (non-daemon thread,
+    threading._register_atexit) instead of aborting in std::terminate."""
+    run = subprocess.run(
+        [sys.executable, "-c", BACKSTOP, str(tiny_dsa)],
+        env=_env(tmp_path, KVSCOPE_CPU_GRAPH="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "compiling"
+    assert "terminate" not in run.stderr and "Traceback" not in run.stderr, run.stderr
