@@ -7,15 +7,14 @@ produced. Malformed lines become error records and the rest go on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from app.jsonl import FIELDS, complete_ids, count_requests, read_requests
+from app.jsonl import FIELDS, complete_ids, count_requests, json_line, read_requests
 from runtime.engine import Engine
 from runtime.errors import KvscopeError
 from runtime.sampling import SamplingParams
 
-__all__ = ["FIELDS", "count_requests", "result_record", "run_batch"]
+__all__ = ["FIELDS", "count_requests", "json_line", "result_record", "run_batch"]
 
 
 def _params(rec: dict, defaults: dict) -> SamplingParams:
@@ -90,7 +89,7 @@ def run_batch(
         return stop is not None and stop.requested
 
     def write(rec: dict) -> None:
-        dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        dst.write(json_line(rec))
         dst.flush()
         summary["requests"] += 1
         if "error" in rec:

@@ -107,6 +107,16 @@ def read_requests(path: Path | str) -> Iterator[RequestLine]:
             index += 1
 
 
+# Characters that str.splitlines() and JavaScript treat as line ends: escaped in the output so
+# that every reader sees one record per line (found by tests/fuzz).
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(rec: dict) -> str:
+    """One output record: UTF-8 JSON on one line, whatever line-end characters it holds."""
+    return json.dumps(rec, ensure_ascii=False).translate(_LINE_ENDS) + "\n"
+
+
 def count_requests(path: Path | str) -> int:
     path = Path(path)
     try:

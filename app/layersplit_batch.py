@@ -14,9 +14,9 @@ request's cached tokens per rank, per-rank telemetry) or {"id", "error"}.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from app.jsonl import json_line
 from runtime.errors import KvscopeError
 
 NOTE = (
@@ -176,7 +176,7 @@ def run_layer_split_batch(args) -> int:
         raise KvscopeError(f"--output {args.output}: cannot write ({e.strerror})") from None
     with dst:
         for i in sorted(out_records):
-            dst.write(json.dumps(out_records[i], ensure_ascii=False) + "\n")
+            dst.write(json_line(out_records[i]))
     if not args.quiet:
         print(f"kvscope: {NOTE}; {n} ranks, owners {owners}")
     return 0

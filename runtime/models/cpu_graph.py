@@ -168,10 +168,12 @@ def _quiet_torch_logs() -> None:
         for name, lg in logging.root.manager.loggerDict.items()
         if name.startswith("torch") and isinstance(lg, logging.Logger)
     ]
-    for lg in loggers + [logging.getLogger()]:
-        for h in lg.handlers:
-            if _FILTER not in h.filters:
-                h.addFilter(_FILTER)
+    handlers = [h for lg in loggers + [logging.getLogger()] for h in lg.handlers]
+    if logging.lastResort is not None:  # what prints a record when no handler is configured
+        handlers.append(logging.lastResort)
+    for h in handlers:
+        if _FILTER not in h.filters:
+            h.addFilter(_FILTER)
 
 
 def abandon_compiles(timeout: float = 5.0) -> bool:

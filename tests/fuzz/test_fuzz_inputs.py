@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 import struct
-from contextlib import redirect_stderr
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,25 @@ FUZZ = settings(
     derandomize=True,  # the same examples on every run (CI stays reproducible)
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+EXAMPLE_DEADLINE_S = 120  # an example running longer is a hang: the test fails
+
+
+@contextmanager
+def no_hang(seconds: int = EXAMPLE_DEADLINE_S):
+    """Fail (instead of hanging the suite) when the body runs over ``seconds``."""
+
+    def fire(signum, frame):
+        raise TimeoutError(f"example ran over {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
 
 # ---- batch JSONL lines -------------------------------------------------------------------------
 scalars = (
@@ -88,7 +108,8 @@ def test_batch_lines(engine, tmp_path_factory, lines):
     text = "\n".join(x.replace("\n", " ").replace("\r", " ") for x in lines) + "\n"
     inp.write_bytes(text.encode("utf-8", errors="surrogatepass"))
     defaults = {"max_new_tokens": 2, "temperature": 0.0, "seed": None}
-    run_batch(engine, inp, out, defaults)
+    with no_hang():
+        run_batch(engine, inp, out, defaults)
     n_lines = sum(1 for x in inp.read_bytes().splitlines() if x.strip())
     recs = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert len(recs) == n_lines
@@ -106,7 +127,7 @@ def _cli_batch(model: Path, tmp: Path) -> tuple[int, str]:
     inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
     inp.write_text(json.dumps({"id": "a", "prompt_ids": [3, 4], "max_new_tokens": 2}) + "\n")
     err = io.StringIO()
-    with redirect_stderr(err):
+    with redirect_stderr(err), no_hang():
         code = main(
             ["batch", "--model", str(model), "--input", str(inp), "--output", str(out)]
             + ["--device", "cpu", "--quiet", "--page-size", "4"]
@@ -267,7 +288,7 @@ def test_tokenizer_files(model_copy, tmp_path_factory, target, cut, junk):
         + "\n"
     )
     err = io.StringIO()
-    with redirect_stderr(err):
+    with redirect_stderr(err), no_hang():
         code = main(
             ["batch", "--model", str(model), "--input", str(inp), "--output", str(out)]
             + ["--device", "cpu", "--quiet", "--page-size", "4", "--max-new-tokens", "2"]

@@ -170,6 +170,9 @@ def test_compiled_engine_emits_the_eager_tokens(tmp_path, monkeypatch, arch):
 
 def test_compile_failure_keeps_decoding_eagerly(tiny_dsa, monkeypatch, tmp_path, capfd):
     def broken(self, bucket):
+        import logging
+
+        logging.getLogger("torch._inductor.fake").error("torch's own noisy record")
         raise RuntimeError("no C++ compiler\nsecond line of detail")
 
     g = torch.Generator().manual_seed(4)
@@ -195,6 +198,7 @@ def test_compile_failure_keeps_decoding_eagerly(tiny_dsa, monkeypatch, tmp_path,
         f"(RuntimeError: no C++ compiler); decode stays eager; traceback in {log}"
     ]
     assert "Traceback" in log.read_text() and "second line of detail" in log.read_text()
+    assert "torch's own noisy record" in log.read_text()  # torch's log: the file, not stderr
     engine.close()
 
 
