@@ -7,15 +7,14 @@ produced. Malformed lines become error records and the rest go on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from app.jsonl import FIELDS, complete_ids, count_requests, json_line, read_requests
 from runtime.engine import Engine
 from runtime.errors import KvscopeError
 from runtime.sampling import SamplingParams
 
-FIELDS = {"id", "prompt", "messages", "prompt_ids", "max_new_tokens", "temperature"}
-FIELDS |= {"top_p", "top_k", "seed", "stop"}
+__all__ = ["FIELDS", "count_requests", "json_line", "result_record", "run_batch"]
 
 
 def _params(rec: dict, defaults: dict) -> SamplingParams:
@@ -58,32 +57,39 @@ def result_record(engine: Engine, rid: str, user_id) -> dict:
     }
 
 
-def count_requests(inp: Path) -> int:
-    try:
-        with inp.open(encoding="utf-8", errors="replace") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError as e:
-        raise KvscopeError(f"--input {inp}: cannot read ({e.strerror})") from None
-
-
-def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=None) -> dict:
+def run_batch(
+    engine: Engine,
+    inp: Path,
+    out: Path,
+    defaults: dict,
+    progress=None,
+    stop=None,
+    resume: bool = False,
+) -> dict:
     """Process every line of `inp`; returns summary counts. `progress` (optional) follows
-    app.batch_progress.BatchProgress: add_tokens / request_done / request_failed."""
+    app.batch_progress.BatchProgress: add_tokens / request_done / request_failed.
+
+    ``stop`` (app.shutdown.Stop, optional): once a signal came, no line is admitted any more,
+    the requests in flight are aborted through Engine.abort (safe reclaim) and get no output
+    line, so that ``resume`` runs them again. ``resume``: ids that already have a complete line
+    in `out` are skipped (a torn last line is cut off first) and new lines are appended."""
+    done = complete_ids(out) if resume else set()
+    lines = read_requests(inp)  # raises a one-line error if the file cannot be read
     try:
-        src = inp.open(encoding="utf-8")
-    except OSError as e:
-        raise KvscopeError(f"--input {inp}: cannot read ({e.strerror})") from None
-    try:
-        dst = out.open("w", encoding="utf-8")
+        dst = out.open("a" if resume else "w", encoding="utf-8")
     except OSError as e:
         raise KvscopeError(f"--output {out}: cannot write ({e.strerror})") from None
-    summary = {"requests": 0, "errors": 0, "tokens": 0, "corrupt": 0}
+    summary = {"requests": 0, "errors": 0, "tokens": 0, "corrupt": 0, "skipped": 0}
     summary["cached"] = {"L1": 0, "L2": 0, "L3": 0}
+    summary["interrupted"] = False
     pending: dict[str, object] = {}  # engine request id -> user id
     window = 4 * engine.config.max_running
 
+    def stopping() -> bool:
+        return stop is not None and stop.requested
+
     def write(rec: dict) -> None:
-        dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        dst.write(json_line(rec))
         dst.flush()
         summary["requests"] += 1
         if "error" in rec:
@@ -108,38 +114,42 @@ def run_batch(engine: Engine, inp: Path, out: Path, defaults: dict, progress=Non
                 )
 
     def drain(until: int) -> None:
-        while len(pending) > until:
+        while len(pending) > until and not stopping():
             for ev in engine.step():
                 if progress is not None and ev.request_id in pending and ev.token_id >= 0:
                     progress.add_tokens(1)
                 if ev.finished and ev.request_id in pending:
                     write(result_record(engine, ev.request_id, pending.pop(ev.request_id)))
 
-    with src, dst:
-        for lineno, line in enumerate(src, 1):
-            if not line.strip():
+    with dst:
+        for line in lines:
+            if stopping():
+                break
+            if line.key in done:
+                summary["skipped"] += 1
+                if progress is not None:  # done by an earlier run: not this run's work
+                    progress.total -= 1
                 continue
-            user_id = f"line-{lineno}"
+            if line.error is not None:
+                write({"id": line.uid, "error": line.error})
+                continue
+            rec = line.rec
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise KvscopeError("line is not a JSON object")
-                user_id = rec.get("id", user_id)
-                unknown = set(rec) - FIELDS
-                if unknown:
-                    raise KvscopeError(f"unknown field '{sorted(unknown)[0]}'")
                 rid = engine.submit(
                     rec.get("prompt"),
                     messages=rec.get("messages"),
                     prompt_ids=rec.get("prompt_ids"),
                     params=_params(rec, defaults),
-                    request_id=f"{lineno}",
+                    request_id=f"{line.lineno}",
                 )
-                pending[rid] = user_id
-            except json.JSONDecodeError as e:
-                write({"id": user_id, "error": f"{inp}:{lineno}: malformed JSON ({e.msg})"})
+                pending[rid] = line.uid
             except KvscopeError as e:
-                write({"id": user_id, "error": f"{inp}:{lineno}: {e}"})
+                write({"id": line.uid, "error": f"{inp}:{line.lineno}: {e}"})
             drain(window)
         drain(0)
+        if stopping():  # abort what is in flight: no output line, --resume runs it again
+            summary["interrupted"] = True
+            for rid in list(pending):
+                engine.abort(rid, "interrupted")
+                pending.pop(rid)
     return summary

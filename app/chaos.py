@@ -44,6 +44,13 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only the clean run with the default checks: count false positives",
     )
+    p.add_argument(
+        "--soak",
+        type=int,
+        metavar="N",
+        help="soak instead: N tiny requests (shared prefixes, random aborts and timeouts) "
+        "through small L1/L2 and an L3, then a leak audit (app/soak.py)",
+    )
     p.set_defaults(page_size=16, max_running=8)  # small pages: prefixes churn through tiers
 
 
@@ -219,6 +226,29 @@ def clean_report(args) -> dict:
 
 
 def cmd_chaos(args) -> int:
+    if args.soak is not None:
+        from app.soak import print_soak, run_soak
+
+        if args.soak < 1:
+            from runtime.errors import KvscopeError
+
+            raise KvscopeError(f"--soak {args.soak}: must be >= 1")
+        rep = run_soak(
+            args.model,
+            args.soak,
+            device=args.device,
+            page_size=4,
+            max_running=args.max_running,
+            warmup=min(1000, max(args.soak // 10, 1)),
+            sample_every=max(args.soak // 20, 1),
+            seed=args.seed,
+            cpu_graph=args.cpu_graph,
+            log=lambda pt: print(f"  ... {pt}", flush=True),
+        )
+        print_soak(rep)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+        return 0 if rep["ok"] else 1
     if args.clean_only:
         rep = clean_report(args)
         print(json.dumps(rep, indent=2))

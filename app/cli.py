@@ -2,7 +2,8 @@
 developer modes gpu-check | quant-eval | expert-bench.
 
 Exit codes: 0 ok, 2 bad input or usage (one clear line on stderr), 3 integrity violation under
---strict. No traceback reaches the user for input errors.
+--strict, 130 / 143 stopped by SIGINT / SIGTERM (app/shutdown.py). No traceback reaches the user
+for input errors. Every mode ends through app/shutdown.finish (no thread left in native code).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from app import shutdown
 from app.cache_defaults import add_default_switches, apply_cache_defaults
 from app.options import add_common, engine_config
 from runtime.errors import KvscopeError
@@ -50,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int)
     b.add_argument("--strict", action="store_true", help="exit 3 if any corruption was found")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the complete lines of an existing --output and run only the missing ids",
+    )
     from app.bench import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="kvscope vs transformers and the physical floors"))
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_engine(args):
     from runtime.engine import Engine
 
-    return Engine(args.model, engine_config(args))
+    return shutdown.track(Engine(args.model, engine_config(args)))
 
 
 def cmd_batch(args) -> int:
@@ -89,36 +96,54 @@ def cmd_batch(args) -> int:
     if args.layer_split > 1:  # greedy, per-rank tiers: app/layersplit_batch.py
         from app.layersplit_batch import run_layer_split_batch
 
-        return run_layer_split_batch(args)
+        if args.resume:  # it writes every line at the end, in input order
+            raise KvscopeError("--resume: not supported with --layer-split")
+        with shutdown.Stop():  # a signal raises shutdown.Interrupted: exit 130 / 143
+            return run_layer_split_batch(args)
     engine = _make_engine(args)
     defaults = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "seed": args.seed,
     }
-    if args.quiet:
-        summary = run_batch(engine, Path(args.input), Path(args.output), defaults)
-    else:
-        with BatchProgress(total_requests=count_requests(Path(args.input))) as progress:
-            summary = run_batch(engine, Path(args.input), Path(args.output), defaults, progress)
+    inp, out = Path(args.input), Path(args.output)
+    with shutdown.Stop(cooperative=True) as stop:  # the batch loop polls stop.requested
+        if args.quiet:
+            summary = run_batch(engine, inp, out, defaults, stop=stop, resume=args.resume)
+        else:
+            with BatchProgress(total_requests=count_requests(inp)) as progress:
+                summary = run_batch(
+                    engine, inp, out, defaults, progress, stop=stop, resume=args.resume
+                )
+        engine.close()
+    if stop.status is not None:
+        sys.stderr.write(
+            f"kvscope batch: stopped by a signal; {summary['requests']} lines written to "
+            f"{out}; the rest runs with --resume\n"
+        )
+        return stop.status
     return 3 if args.strict and summary["corrupt"] else 0
 
 
 def cmd_tui(args) -> int:
-    from inspector.app import run_app
+    from inspector.app import KvscopeApp
 
     if getattr(args, "attach", None):
         return cmd_attach(args)
     apply_cache_defaults(args)
     engine = _make_engine(args)
-    run_app(
+    app = KvscopeApp(
         engine,
-        screen=args.mode,
+        args.mode,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
     )
-    return 0
+    # Textual reads Ctrl+C / Ctrl+Q as keys; SIGTERM (and SIGINT from outside) quit the app.
+    with shutdown.Stop(on_stop=lambda status: app.exit(return_code=status)) as stop:
+        app.run()
+    engine.close()
+    return stop.status if stop.status is not None else 0
 
 
 def cmd_attach(args) -> int:
@@ -173,11 +198,16 @@ def _dev_mode(module: str, args, argv: list[str] | None = None) -> int:
     return getattr(mod, f"cmd_{module}")(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """Parse and run one mode; returns its exit status (background work still running)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors (exit 2) and -h (exit 0)
         return int(e.code or 0)
+    if getattr(args, "verbose", False):
+        import os
+
+        os.environ["KVSCOPE_VERBOSE"] = "1"  # read by runtime.models.cpu_graph at import
     handlers = {"batch": cmd_batch, "chat": cmd_tui, "inspect": cmd_tui}
     handlers["make-tiny"] = cmd_make_tiny
     handlers["chaos"] = cmd_chaos
@@ -187,13 +217,39 @@ def main(argv: list[str] | None = None) -> int:
     handlers["quant-eval"] = lambda a: _dev_mode("quant_eval", a)
     handlers["expert-bench"] = lambda a: _dev_mode("expert_bench", a)
     try:
+        if args.mode in ("bench", "chaos", "make-tiny"):  # no stop-polling loop: raise
+            with shutdown.Stop():
+                return handlers[args.mode](args)
         return handlers[args.mode](args)
     except KvscopeError as e:
         sys.stderr.write(f"kvscope: error: {e}\n")
         return e.exit_code
+    except shutdown.Interrupted as e:
+        sys.stderr.write(f"kvscope: {args.mode} stopped by a signal\n")
+        return e.status
     except KeyboardInterrupt:
-        return 130
+        return shutdown.EXIT_SIGINT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one mode and close the engines it made; returns the exit status. In-process callers
+    (tests) use this; the process entry point is ``entry``."""
+    try:
+        return run(argv)
+    finally:
+        shutdown.close_tracked()
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The `kvscope` console script: main, then the process ends through shutdown.finish (no
+    compile or copy thread left inside native code when the interpreter finalizes)."""
+    status = 1
+    try:
+        status = main(argv)
+    finally:
+        status = shutdown.finish(status)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -14,9 +14,9 @@ request's cached tokens per rank, per-rank telemetry) or {"id", "error"}.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from app.jsonl import json_line
 from runtime.errors import KvscopeError
 
 NOTE = (
@@ -60,18 +60,16 @@ def _num_slots(args, model_dir, n: int, dtype: str) -> int | None:
 
 def _read(args, cfg, model_dir, tok) -> tuple[list, dict]:
     """Valid requests (line index, id, prompt ids, max new) and error records by line index."""
+    from app.jsonl import read_requests
     from runtime.prompts import encode_prompt
 
-    records, errors, index = [], {}, 0
-    for lineno, line in enumerate(Path(args.input).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    records, errors = [], {}
+    for line in read_requests(args.input):
+        if line.error is not None:
+            errors[line.index] = {"id": line.uid, "error": line.error}
             continue
-        uid = f"line-{lineno}"
+        rec = line.rec
         try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise KvscopeError("line is not a JSON object")
-            uid = rec.get("id", uid)
             if rec.get("temperature", 0) != 0:
                 raise KvscopeError("--layer-split: greedy only ('temperature' must be 0)")
             limit = rec.get("max_new_tokens", args.max_new_tokens)
@@ -80,12 +78,9 @@ def _read(args, cfg, model_dir, tok) -> tuple[list, dict]:
             ids = encode_prompt(
                 cfg, model_dir, tok, rec.get("prompt"), rec.get("messages"), rec.get("prompt_ids")
             )
-            records.append((index, uid, ids, limit))
-        except json.JSONDecodeError as e:
-            errors[index] = {"id": uid, "error": f"{args.input}:{lineno}: malformed JSON ({e.msg})"}
+            records.append((line.index, line.uid, ids, limit))
         except (KvscopeError, AttributeError) as e:
-            errors[index] = {"id": uid, "error": f"{args.input}:{lineno}: {e}"}
-        index += 1
+            errors[line.index] = {"id": line.uid, "error": f"{args.input}:{line.lineno}: {e}"}
     return records, errors
 
 
@@ -181,7 +176,7 @@ def run_layer_split_batch(args) -> int:
         raise KvscopeError(f"--output {args.output}: cannot write ({e.strerror})") from None
     with dst:
         for i in sorted(out_records):
-            dst.write(json.dumps(out_records[i], ensure_ascii=False) + "\n")
+            dst.write(json_line(out_records[i]))
     if not args.quiet:
         print(f"kvscope: {NOTE}; {n} ranks, owners {owners}")
     return 0

@@ -58,6 +58,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="CPU decode steps through compiled graphs (auto: compiled in the background)",
     )
     g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the tracebacks of background failures (CPU-graph compiles) on stderr",
+    )
 
 
 def kv_tier_options(args: argparse.Namespace) -> dict:

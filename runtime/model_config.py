@@ -102,32 +102,77 @@ def _require(raw: dict, key: str, where: str):
     return raw[key]
 
 
+_REQUIRED = object()
+MAX_SIZE = 1 << 24  # no size or count in a config.json of a model kvscope can run is larger
+
+
+def _int(raw: dict, key: str, where: str, default=_REQUIRED, lo: int = 1) -> int:
+    """An integer field in [lo, MAX_SIZE] (``default`` when absent or null), or ConfigError."""
+    v = raw.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            _require(raw, key, where)
+            raise ConfigError(f"{where}: field '{key}' is null; it must be an integer")
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(f"{where}: field '{key}' is {json.dumps(v)[:40]}; it must be an integer")
+    if not lo <= v <= MAX_SIZE:
+        raise ConfigError(f"{where}: field '{key}' is {v}; it must be in [{lo}, {MAX_SIZE}]")
+    return v
+
+
+def _float(value, key: str, where: str) -> float:
+    """A finite number, or ConfigError."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        f = float(value)
+        if f == f and abs(f) != float("inf"):
+            return f
+    raise ConfigError(f"{where}: field '{key}' is {json.dumps(value)[:40]}; it must be a number")
+
+
 def _rope_from(raw: dict, where: str) -> RopeConfig:
-    params = dict(raw.get("rope_parameters") or {})
+    params = raw.get("rope_parameters") or {}
     legacy = raw.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise ConfigError(f"{where}: 'rope_parameters' / 'rope_scaling' must be objects")
+    params = dict(params)
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
     merged = {**legacy, **params}
     prf = merged.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
     if prf is None:
         prf = 0.5 if raw.get("model_type") == "glm4_moe" else 1.0
-    if rope_type not in ("default", "yarn"):
+    if not isinstance(rope_type, str) or rope_type not in ("default", "yarn"):
         raise ConfigError(f"{where}: rope_type '{rope_type}' is not supported (default, yarn)")
     return RopeConfig(
-        theta=float(theta),
+        theta=_float(theta, "rope_theta", where),
         rope_type=rope_type,
-        factor=float(merged.get("factor", 1.0)),
+        factor=_float(merged.get("factor", 1.0), "factor", where),
         original_max_position_embeddings=merged.get("original_max_position_embeddings"),
-        beta_fast=float(merged.get("beta_fast", 32.0)),
-        beta_slow=float(merged.get("beta_slow", 1.0)),
+        beta_fast=_float(merged.get("beta_fast", 32.0), "beta_fast", where),
+        beta_slow=_float(merged.get("beta_slow", 1.0), "beta_slow", where),
         mscale=merged.get("mscale"),
         mscale_all_dim=merged.get("mscale_all_dim"),
-        partial_rotary_factor=float(prf),
+        partial_rotary_factor=_float(prf, "partial_rotary_factor", where),
     )
 
 
-def _indexer_types(raw: dict, n_layers: int) -> tuple[str, ...]:
+def _indexer_types(raw: dict, n_layers: int, where: str) -> tuple[str, ...]:
     """Per-layer DSA indexer mode, with the same defaults transformers derives."""
+    try:
+        types = _indexer_types_raw(raw, n_layers, where)
+        if all(t in ("full", "shared") for t in types):
+            return tuple(types)
+    except (KeyError, TypeError):
+        pass
+    raise ConfigError(
+        f"{where}: 'indexer_types' / 'index_topk_pattern' is not a list of full/shared"
+    )
+
+
+def _indexer_types_raw(raw: dict, n_layers: int, where: str) -> list:
     types = raw.get("indexer_types")
     if types is None:
         pattern = raw.get("index_topk_pattern")
@@ -138,13 +183,13 @@ def _indexer_types(raw: dict, n_layers: int) -> tuple[str, ...]:
                 else list(pattern)
             )
         else:
-            freq = max(int(raw.get("index_topk_freq", 1)), 1)
-            offset = int(raw.get("index_skip_topk_offset", 2))
+            freq = _int(raw, "index_topk_freq", where, 1, lo=0) or 1
+            offset = _int(raw, "index_skip_topk_offset", where, 2, lo=0)
             types = [
                 "full" if (max(i - offset + 1, 0) % freq) == 0 else "shared"
                 for i in range(n_layers)
             ]
-    return tuple(types)
+    return list(types)
 
 
 def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
@@ -155,34 +200,46 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
             f"{where}: model_type '{model_type}' is not supported; "
             f"kvscope runs {', '.join(SUPPORTED_ARCHS)}"
         )
-    n_layers = int(_require(raw, "num_hidden_layers", where))
-    first_dense = int(raw.get("first_k_dense_replace", 1 if model_type == "glm4_moe" else 3))
+    n_layers = _int(raw, "num_hidden_layers", where)
+    first_dense = _int(
+        raw, "first_k_dense_replace", where, 1 if model_type == "glm4_moe" else 3, lo=0
+    )
     mlp_types = raw.get("mlp_layer_types")
+    if mlp_types is not None and (
+        not isinstance(mlp_types, list) or not all(t in ("dense", "sparse") for t in mlp_types)
+    ):
+        raise ConfigError(f"{where}: 'mlp_layer_types' must be a list of 'dense' / 'sparse'")
     if mlp_types is None:
         n_dense = min(first_dense, n_layers)
         mlp_types = ["dense"] * n_dense + ["sparse"] * (n_layers - n_dense)
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    heads = int(_require(raw, "num_attention_heads", where))
-    hidden = int(_require(raw, "hidden_size", where))
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_ids):
+        raise ConfigError(f"{where}: 'eos_token_id' must be a token id or a list of them")
+    heads = _int(raw, "num_attention_heads", where)
+    hidden = _int(raw, "hidden_size", where)
     common = dict(
         arch=model_type,
-        vocab_size=int(_require(raw, "vocab_size", where)),
+        vocab_size=_int(raw, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=int(_require(raw, "intermediate_size", where)),
+        intermediate_size=_int(raw, "intermediate_size", where),
         num_layers=n_layers,
         num_heads=heads,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        rms_norm_eps=_float(raw.get("rms_norm_eps", 1e-5), "rms_norm_eps", where),
+        max_position_embeddings=_int(raw, "max_position_embeddings", where, 4096),
         rope=_rope_from(raw, where),
-        n_routed_experts=int(raw.get("n_routed_experts", raw.get("num_experts", 0)) or 0),
-        num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0),
-        moe_intermediate_size=int(raw.get("moe_intermediate_size", 0) or 0),
-        n_shared_experts=int(raw.get("n_shared_experts", 0) or 0),
-        n_group=int(raw.get("n_group", 1) or 1),
-        topk_group=int(raw.get("topk_group", 1) or 1),
+        n_routed_experts=_int(
+            raw, "n_routed_experts", where, _int(raw, "num_experts", where, 0, lo=0), lo=0
+        ),
+        num_experts_per_tok=_int(raw, "num_experts_per_tok", where, 0, lo=0),
+        moe_intermediate_size=_int(raw, "moe_intermediate_size", where, 0, lo=0),
+        n_shared_experts=_int(raw, "n_shared_experts", where, 0, lo=0),
+        n_group=_int(raw, "n_group", where, 1),
+        topk_group=_int(raw, "topk_group", where, 1),
         norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+        routed_scaling_factor=_float(
+            raw.get("routed_scaling_factor", 1.0), "routed_scaling_factor", where
+        ),
         first_k_dense_replace=first_dense,
         mlp_layer_types=tuple(mlp_types),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -190,30 +247,34 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelConfig:
         eos_token_ids=eos_ids,
         bos_token_id=raw.get("bos_token_id"),
         torch_dtype=str(raw.get("dtype", raw.get("torch_dtype", "float32")) or "float32"),
-        num_nextn_predict_layers=int(
-            raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0
+        num_nextn_predict_layers=_int(
+            raw,
+            "num_nextn_predict_layers",
+            where,
+            _int(raw, "num_mtp_layers", where, 0, lo=0),
+            lo=0,
         ),
         raw=raw,
     )
     if model_type == "glm4_moe":
         cfg = ModelConfig(
             **common,
-            num_kv_heads=int(raw.get("num_key_value_heads", heads)),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
+            num_kv_heads=_int(raw, "num_key_value_heads", where, heads),
+            head_dim=_int(raw, "head_dim", where, max(hidden // heads, 1)),
             use_qk_norm=bool(raw.get("use_qk_norm", False)),
         )
     else:
         cfg = ModelConfig(
             **common,
-            q_lora_rank=int(_require(raw, "q_lora_rank", where)),
-            kv_lora_rank=int(_require(raw, "kv_lora_rank", where)),
-            qk_nope_head_dim=int(_require(raw, "qk_nope_head_dim", where)),
-            qk_rope_head_dim=int(_require(raw, "qk_rope_head_dim", where)),
-            v_head_dim=int(_require(raw, "v_head_dim", where)),
-            index_topk=int(raw.get("index_topk", 2048)),
-            index_head_dim=int(raw.get("index_head_dim", 128)),
-            index_n_heads=int(raw.get("index_n_heads", 32)),
-            indexer_types=_indexer_types(raw, n_layers),
+            q_lora_rank=_int(raw, "q_lora_rank", where),
+            kv_lora_rank=_int(raw, "kv_lora_rank", where),
+            qk_nope_head_dim=_int(raw, "qk_nope_head_dim", where),
+            qk_rope_head_dim=_int(raw, "qk_rope_head_dim", where),
+            v_head_dim=_int(raw, "v_head_dim", where),
+            index_topk=_int(raw, "index_topk", where, 2048),
+            index_head_dim=_int(raw, "index_head_dim", where, 128),
+            index_n_heads=_int(raw, "index_n_heads", where, 32),
+            indexer_types=_indexer_types(raw, n_layers, where),
         )
     _validate(cfg, where)
     return cfg

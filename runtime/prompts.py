@@ -61,4 +61,10 @@ def encode_prompt(
     ids = tokenizer.encode(prompt)
     if not ids:
         raise RequestError("the prompt encodes to no tokens")
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:  # a tokenizer that does not belong to this model: never feed the model garbage
+        raise TokenizerError(
+            f"{model_dir}/tokenizer.json: token id {bad[0]} is outside the model's vocabulary "
+            f"({cfg.vocab_size}, config.json); tokenizer and model do not match"
+        )
     return ids

@@ -28,8 +28,10 @@ class Tokenizer:
         if cfg_path.is_file():
             try:
                 self.config = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from None
+            if not isinstance(self.config, dict):
+                raise TokenizerError(f"{cfg_path}: expected a JSON object")
         template = self.config.get("chat_template")
         if template is None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
@@ -88,9 +90,11 @@ def _raise(msg: str):
 
 
 def _token_str(tok) -> str | None:
+    """A special token of tokenizer_config.json (a string or {"content": ...}); None if it is
+    anything else."""
     if isinstance(tok, dict):
-        return tok.get("content")
-    return tok
+        tok = tok.get("content")
+    return tok if isinstance(tok, str) else None
 
 
 class StreamDecoder:

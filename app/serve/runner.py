@@ -15,7 +15,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
 from runtime.errors import KvscopeError
@@ -86,6 +86,7 @@ class EngineRunner:
         self._ids = itertools.count(1)
         self.failed: str | None = None  # set when step() raised: the server is unhealthy
         self.verdicts: Counter[str] = Counter()  # finished requests by integrity verdict
+        self._finished: deque[str] = deque()  # ids of finished requests the engine still holds
         self.finish_reasons: Counter[str] = Counter()
         self.rejected = 0  # 429s
         self.steps = 0
@@ -171,6 +172,11 @@ class EngineRunner:
                 outcome = self._outcome(ev)
                 self._deliver(ev.request_id, ev, final=False)
                 self._deliver(ev.request_id, outcome, final=True)
+                # The engine keeps a finished request until told to forget it: keep the
+                # latest KEEP_FINISHED (the inspector shows them), so memory stays bounded.
+                self._finished.append(ev.request_id)
+                while len(self._finished) > KEEP_FINISHED:
+                    self.engine.forget(self._finished.popleft())
             else:
                 self._deliver(ev.request_id, ev, final=False)
 
@@ -216,8 +222,8 @@ class EngineRunner:
                 self.event_kinds[ev.kind] += 1
         if snap.integrity_events:
             self._last_event_t = max(self._last_event_t, snap.integrity_events[-1].time_s)
-        # The engine keeps every request it ever ran: publish the live ones + the latest
-        # finished ones, so the stream and the inspector stay small on a long-running server.
+        # Publish the live requests + the latest finished ones (the engine forgets older ones,
+        # see _route), so the stream and the inspector stay small on a long-running server.
         live = [r for r in snap.requests if r.status not in FINISHED]
         done = [r for r in snap.requests if r.status in FINISHED][-KEEP_FINISHED:]
         snap = replace(snap, requests=tuple(done + live))

@@ -22,13 +22,29 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Fence", "Transfer", "CopyHooks", "CopyEngine", "slot_runs"]
+__all__ = ["Fence", "Transfer", "CopyHooks", "CopyEngine", "slot_runs", "close_all"]
+
+# Every threaded CopyEngine of the process, for the end of a run (app/shutdown.py): a worker still
+# inside a torch copy when the interpreter finalizes would abort the process (see
+# runtime/models/cpu_graph.py, "Shutdown").
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_all(timeout: float = 30.0) -> bool:
+    """Close every copy engine of the process within ``timeout`` seconds in all; True when no
+    worker thread is left."""
+    deadline = time.monotonic() + timeout
+    for eng in list(_ENGINES):
+        eng.close(max(0.0, deadline - time.monotonic()))
+    return not any(th.is_alive() for eng in list(_ENGINES) for th in eng._threads)
 
 
 class Fence:
@@ -158,6 +174,7 @@ class CopyEngine:
         self._closed = False
         self._threads = []
         if threaded:
+            _ENGINES.add(self)
             for lane in ("copy", "io"):
                 th = threading.Thread(target=self._worker, args=(lane,), daemon=True)
                 th.name = f"kv-{lane}"
@@ -264,14 +281,20 @@ class CopyEngine:
                 lambda: self._busy == 0 and not any(self._pending.values()), timeout
             )
 
-    def close(self) -> None:
-        """Finish pending work, then stop the workers."""
-        self.wait_idle()
+    def close(self, timeout: float | None = 60.0) -> bool:
+        """Finish pending work, then stop the workers, within ``timeout`` seconds (a copy job
+        stuck on a dead disk must not hang the exit); True when every worker has ended. Work
+        still pending after the timeout is dropped with its transfers unsignalled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait_idle(timeout)
         with self._cv:
             self._closed = True
+            for lane in self._pending:
+                self._pending[lane].clear()
             self._cv.notify_all()
         for th in self._threads:
-            th.join()
+            th.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(th.is_alive() for th in self._threads)
 
     # ---- execution (worker threads, or the caller in manual mode) ----------------------------
     def _worker(self, lane: str) -> None:

@@ -23,6 +23,24 @@ it (20-90 s on 2 cores); until it is ready that step runs eagerly, so no request
 for the compiler. Compiled libraries are kept for the process (``_LIBRARIES``): another engine
 of the same model and pool shape reuses them. ``close()`` (Engine.close) ends the thread.
 
+One compile at a time, process-wide (``_COMPILE_LOCK``): torch.export / Inductor keep tracing
+state in process globals, and two compiles at once (a warm-up engine and the main one) failed
+inside torch.fx (``KeyError: 'custom'``). A failed compile says so in one line on stderr (which
+bucket, that decode stays eager, where the traceback went: ``failure_log()``, or stderr under
+``--verbose``); torch's own log records of the compile thread go to that file too.
+
+Shutdown (issue 15): a compile thread still inside a torch op when the interpreter finalizes is
+killed by CPython with pthread_exit when it retakes the GIL; the forced unwind runs through
+torch's C++ frames (pybind11's ``~gil_scoped_release``, noexcept) and libstdc++ calls
+std::terminate: "terminate called without an active exception", exit 134, after every result
+had been written. So no compile thread may outlive the interpreter: ``abandon_compiles()``
+(registered to run before the interpreter joins threads, and called by app/shutdown.py with a
+bound) drops the queued buckets and raises ``CompileAbandoned`` inside the compiling thread,
+which it sees at its next Python bytecode (export and Inductor's code generation are Python;
+the longest native stretch is the C++ compiler subprocess). The threads are not daemons, so if
+one is still in native code when the bound is over, the interpreter waits for it rather than
+crash; the CLI instead flushes and leaves with os._exit (app/shutdown.py).
+
 Invariants kept as in the eager path:
 - Reads: before the compiled step runs, the pool's read guard (fence waits of loads in flight)
   and the batch's ``before_read`` hooks run for every (layer, plane) the step reads; the step
@@ -41,11 +59,17 @@ Anything else runs the eager forward. EngineConfig.cpu_graph ("auto" | "off") or
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import logging
 import os
+import sys
 import tempfile
 import threading
+import time
+import traceback
 import warnings
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +98,113 @@ warnings.filterwarnings(
 )
 MIN_COLUMNS = 64  # context columns: the next power of two >= max(end, MIN_COLUMNS)
 BATCH_BUCKETS = (1, 4, 8, 16, 32, 64, 128)  # few buckets: each compiles for ~1 min
+
+
+# ---- process-wide compile discipline --------------------------------------------------------
+_COMPILE_LOCK = threading.Lock()  # one compile at a time in this process, whatever engine asks
+_GRAPHS: weakref.WeakSet = weakref.WeakSet()  # every CpuDecodeGraph of this process
+_ABANDONED = threading.Event()  # set at shutdown: no compile starts any more
+
+
+def _verbose() -> bool:
+    """--verbose (app/cli.py sets KVSCOPE_VERBOSE=1): tracebacks on stderr too."""
+    return os.environ.get("KVSCOPE_VERBOSE", "0") not in ("", "0")
+
+
+class CompileAbandoned(BaseException):
+    """Raised inside a compile thread at shutdown. A BaseException, so that torch's own
+    ``except Exception`` handlers do not swallow it."""
+
+
+def failure_log() -> Path:
+    """Where failed compiles write their traceback (the user cache dir)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvscope" / "cpu_graph.log"
+
+
+def _log_detail(text: str) -> str:
+    """Append ``text`` to failure_log(); returns where it went (or why it could not)."""
+    path = failure_log()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{text}\n")
+        return str(path)
+    except OSError as e:
+        return f"(log {path} not writable: {e.strerror})"
+
+
+class _CompileThreadLogs(logging.Filter):
+    """On torch's log handlers: records emitted by a compile thread go to failure_log(), not to
+    the terminal (torch logs a failed export or lowering with its whole traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if threading.current_thread().name != "kvscope-cpu-graph":
+            return True
+        if record.levelno >= logging.WARNING:
+            _log_detail(logging.Formatter().format(record))
+        return _verbose()
+
+
+_FILTER = _CompileThreadLogs()
+_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings raised inside a compile thread go to failure_log() (unless --verbose)."""
+    if threading.current_thread().name == "kvscope-cpu-graph" and not _verbose():
+        _log_detail(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+        return
+    _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_warning
+
+
+def _quiet_torch_logs() -> None:
+    """Attach the filter to every handler of torch's loggers (torch adds handlers lazily)."""
+    loggers = [logging.getLogger("torch")]
+    loggers += [
+        lg
+        for name, lg in logging.root.manager.loggerDict.items()
+        if name.startswith("torch") and isinstance(lg, logging.Logger)
+    ]
+    handlers = [h for lg in loggers + [logging.getLogger()] for h in lg.handlers]
+    if logging.lastResort is not None:  # what prints a record when no handler is configured
+        handlers.append(logging.lastResort)
+    for h in handlers:
+        if _FILTER not in h.filters:
+            h.addFilter(_FILTER)
+
+
+def abandon_compiles(timeout: float = 5.0) -> bool:
+    """Stop every compile thread of this process within ``timeout`` seconds: queued buckets
+    are dropped, the compile in flight is interrupted at its next Python bytecode (the bucket
+    stays eager; nothing half-built is kept). True when no compile thread is left."""
+    _ABANDONED.set()
+    threads = []
+    for graph in list(_GRAPHS):
+        graph.close()
+        th = graph._worker
+        if th is not None and th.is_alive():
+            threads.append(th)
+            if graph._compiling and th.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(th.ident), ctypes.py_object(CompileAbandoned)
+                )
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        th.join(max(0.0, deadline - time.monotonic()))
+    return not any(th.is_alive() for th in threads)
+
+
+def compiles_running() -> bool:
+    return any(g._worker is not None and g._worker.is_alive() for g in list(_GRAPHS))
+
+
+# Runs before the interpreter joins its non-daemon threads at exit (concurrent.futures uses the
+# same hook): a program that never closed its engine still ends without a compile in flight.
+threading._register_atexit(abandon_compiles)
 
 
 def cpu_graph_requested(setting: str = "auto") -> bool:
@@ -229,6 +360,7 @@ class CpuDecodeGraph:
         self._worker: threading.Thread | None = None
         self._closed = False
         self._compiling = False  # the worker is compiling self._queue[0]
+        _GRAPHS.add(self)
 
     # ---- compilation (background thread) -----------------------------------------------------
     def _compile(self, bucket: tuple[int, int]):
@@ -268,6 +400,12 @@ class CpuDecodeGraph:
         return decode_step(self.model, input_ids, positions, ctx_rows, planes)
 
     def _work(self) -> None:
+        try:
+            self._work_loop()
+        except CompileAbandoned:  # arrived outside the compile proper (shutdown race)
+            self._drop_queue()
+
+    def _work_loop(self) -> None:
         torch.set_num_threads(1)  # compile beside the stepping thread, not against it
         while True:
             with self._cv:
@@ -276,19 +414,23 @@ class CpuDecodeGraph:
                 if self._closed:  # close(): the thread ends and lets go of the model
                     return
                 bucket = self._queue[0]  # stays queued while compiling (wait_idle waits on it)
-                self._compiling = True
+            while not _COMPILE_LOCK.acquire(timeout=0.1):  # another engine is compiling
+                if self._closed or _ABANDONED.is_set():
+                    return self._drop_queue()
             try:
-                fn = self._compile(bucket)
-            except Exception as exc:  # no C++ compiler, an unsupported op: stay eager
                 with self._cv:
-                    self.enabled, self.failed = False, repr(exc)
-                    self._compiling = False
-                    self._queue.clear()
-                    self._cv.notify_all()
-                warnings.warn(
-                    f"CPU decode graph unavailable, decode runs eagerly: {exc!r}", stacklevel=2
-                )
-                return
+                    if self._closed or _ABANDONED.is_set():
+                        return self._drop_queue()
+                    self._compiling = True
+                _quiet_torch_logs()
+                fn = self._compile(bucket)
+            except CompileAbandoned:  # shutdown: the bucket stays eager, nothing is kept
+                return self._drop_queue()
+            except Exception as exc:  # no C++ compiler, an unsupported op: stay eager
+                self._report_failure(bucket, exc)
+                return self._drop_queue(failed=repr(exc))
+            finally:
+                _COMPILE_LOCK.release()
             with self._cv:
                 if self._key is not None and isinstance(fn, _CompiledStep):
                     _LIBRARIES[(self._key, bucket)] = fn.with_weights([])  # holds no weights
@@ -297,6 +439,29 @@ class CpuDecodeGraph:
                 self._queue.pop(0)
                 self._compiling = False
                 self._cv.notify_all()
+
+    def _drop_queue(self, failed: str | None = None) -> None:
+        with self._cv:
+            if failed is not None:
+                self.enabled, self.failed = False, failed
+            self._compiling = False
+            self._queue.clear()
+            self._cv.notify_all()
+
+    @staticmethod
+    def _report_failure(bucket: tuple[int, int], exc: Exception) -> None:
+        """One line on stderr; the traceback in failure_log() (and on stderr if VERBOSE)."""
+        detail = "".join(traceback.format_exception(exc))
+        where = _log_detail(f"bucket batch {bucket[0]}, {bucket[1]} columns\n{detail}")
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        if _verbose():
+            sys.stderr.write(detail)
+        sys.stderr.write(
+            f"kvscope: CPU decode graph: compiling bucket (batch {bucket[0]}, {bucket[1]} "
+            f"columns) failed ({type(exc).__name__}: {first}); decode stays eager; "
+            f"traceback in {where}\n"
+        )
+        sys.stderr.flush()
 
     def close(self) -> None:
         """Stop the compile thread and drop the compiled steps, so that a closed engine's model
@@ -318,11 +483,12 @@ class CpuDecodeGraph:
                 self._ready[bucket] = shared.with_weights(self._weights)
                 self._cv.notify_all()
                 return
+            if _ABANDONED.is_set():
+                return
             self._queue.append(bucket)
             if self._worker is None:
-                self._worker = threading.Thread(
-                    target=self._work, name="kvscope-cpu-graph", daemon=True
-                )
+                # Not a daemon: the interpreter never finalizes under a compile (see the top).
+                self._worker = threading.Thread(target=self._work, name="kvscope-cpu-graph")
                 self._worker.start()
             self._cv.notify_all()
 
@@ -388,4 +554,13 @@ class CpuDecodeGraph:
         return logits[:b]
 
 
-__all__ = ["CpuDecodeGraph", "cpu_graph_requested", "bucket_of", "BATCH_BUCKETS", "MIN_COLUMNS"]
+__all__ = [
+    "CpuDecodeGraph",
+    "cpu_graph_requested",
+    "bucket_of",
+    "abandon_compiles",
+    "compiles_running",
+    "failure_log",
+    "BATCH_BUCKETS",
+    "MIN_COLUMNS",
+]

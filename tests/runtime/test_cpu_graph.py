@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -169,25 +168,71 @@ def test_compiled_engine_emits_the_eager_tokens(tmp_path, monkeypatch, arch):
     again.close()
 
 
-def test_compile_failure_keeps_decoding_eagerly(tiny_dsa, monkeypatch):
+def test_compile_failure_keeps_decoding_eagerly(tiny_dsa, monkeypatch, tmp_path, capfd):
     def broken(self, bucket):
-        raise RuntimeError("no C++ compiler")
+        import logging
+
+        logging.getLogger("torch._inductor.fake").error("torch's own noisy record")
+        raise RuntimeError("no C++ compiler\nsecond line of detail")
 
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(2, 200, (8,), generator=g).tolist()]
     conf = EngineConfig(device="cpu", page_size=PAGE)
     want = _generate(Engine(tiny_dsa, conf), prompts, 8)
     monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(CpuDecodeGraph, "_compile", broken)
     engine = Engine(tiny_dsa, conf)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        got = _generate(engine, prompts, 8)
-        engine.cpu_graph.wait_idle(60)
-        got += _generate(engine, prompts, 8)
+    capfd.readouterr()
+    got = _generate(engine, prompts, 8)
+    engine.cpu_graph.wait_idle(60)
+    got += _generate(engine, prompts, 8)
     assert got == want * 2
     assert not engine.cpu_graph.enabled and "no C++ compiler" in engine.cpu_graph.failed
     assert engine.cpu_graph.steps_compiled == 0
+    # one line on stderr (what, which bucket, eager, where the traceback is); no traceback
+    err = capfd.readouterr().err
+    log = tmp_path / "kvscope" / "cpu_graph.log"
+    assert err.splitlines() == [
+        "kvscope: CPU decode graph: compiling bucket (batch 1, 64 columns) failed "
+        f"(RuntimeError: no C++ compiler); decode stays eager; traceback in {log}"
+    ]
+    assert "Traceback" in log.read_text() and "second line of detail" in log.read_text()
+    assert "torch's own noisy record" in log.read_text()  # torch's log: the file, not stderr
+    engine.close()
+
+
+def test_compiles_are_serialised_process_wide(tiny_dsa, monkeypatch):
+    """Two engines asking at once: their compiles never overlap (torch's tracing state is
+    process-global)."""
+    import threading
+    import time
+
+    active, peak, done = [0], [0], []
+    lock = threading.Lock()
+
+    def fake(self, bucket):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.3)
+        with lock:
+            active[0] -= 1
+        done.append(bucket)
+        return lambda *a: None
+
+    monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
+    monkeypatch.setattr(CpuDecodeGraph, "_compile", fake)
+    conf = EngineConfig(device="cpu", page_size=PAGE)
+    engines = [Engine(tiny_dsa, conf) for _ in range(2)]
+    for e in engines:
+        e.cpu_graph._key = None  # no sharing through the process cache
+        e.cpu_graph.request((1, 64))
+        e.cpu_graph.request((4, 64))
+    assert all(e.cpu_graph.wait_idle(30) for e in engines)
+    assert len(done) == 4 and peak[0] == 1
+    for e in engines:
+        e.close()
 
 
 def test_cpu_graph_off_and_ineligible(tiny_dsa, monkeypatch):
