@@ -34,7 +34,13 @@ _MODULE_OF = {
     "fused_moe": "fused_moe",
 }
 
-__all__ = sorted(_MODULE_OF)
+__all__ = sorted(_MODULE_OF)  # the ops; plus implementation()
+
+
+def implementation(name: str, device) -> Callable:
+    """The function ``ops.<name>`` runs for tensors on ``device`` (Triton or the reference)."""
+    mod = importlib.import_module(f"kernels.{_MODULE_OF[name]}")
+    return getattr(mod, name if use_triton(device) else f"reference_{name}")
 
 
 @cache
@@ -42,9 +48,7 @@ def _dispatcher(name: str) -> Callable:
     module = f"kernels.{_MODULE_OF[name]}"
 
     def op(first, *args, **kwargs):
-        mod = importlib.import_module(module)
-        fn = getattr(mod, name if use_triton(first.device) else f"reference_{name}")
-        return fn(first, *args, **kwargs)
+        return implementation(name, first.device)(first, *args, **kwargs)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = f"Triton or reference {name}: see {module}."

@@ -35,11 +35,16 @@ def test_dispatch(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("KVSCOPE_TRITON_INTERPRET", raising=False)
     assert not backend.use_triton(cpu)
-    assert ops._impl("rmsnorm", "rmsnorm", cpu) is reference_rmsnorm
+    assert ops.implementation("rmsnorm", cpu) is reference_rmsnorm
+    refs = {name: ops.implementation(name, cpu) for name in ops.__all__}
+    assert all(f.__name__ == f"reference_{name}" for name, f in refs.items())
     monkeypatch.setenv("KVSCOPE_TRITON_INTERPRET", "1")
     assert backend.use_triton(cpu)
-    assert ops._impl("rmsnorm", "rmsnorm", cpu) is rmsnorm
+    assert ops.implementation("rmsnorm", cpu) is rmsnorm
+    assert all(ops.implementation(name, cpu).__name__ == name for name in ops.__all__)
     assert backend.use_triton(torch.device("cuda"))
+    with pytest.raises(AttributeError, match="no op"):
+        ops.not_an_op  # noqa: B018
 
 
 @pytest.mark.parametrize("interpret", ["0", "1"])
