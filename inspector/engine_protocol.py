@@ -7,6 +7,7 @@ return quickly even while a `step()` is running (e.g. hand out the last publishe
 
 from __future__ import annotations
 
+import time
 from typing import Protocol, runtime_checkable
 
 from runtime.telemetry import EngineSnapshot, TokenEvent
@@ -50,3 +51,24 @@ class EngineProtocol(Protocol):
     def model_info(self) -> dict[str, str]:
         """Human-readable facts about the loaded model (name, arch, dtype, quant, ...)."""
         ...
+
+
+class ReadOnlyEngine:
+    """Base of the inspector's views of an engine someone else drives (a server's): nothing to
+    step here, and no chat. Subclasses set ``read_only_reason`` and provide snapshot() and
+    model_info()."""
+
+    read_only_reason = "read-only view"
+
+    def step(self) -> list[TokenEvent]:
+        time.sleep(0.05)  # the driver thread idles; the engine steps elsewhere
+        return []
+
+    def has_work(self) -> bool:
+        return False
+
+    def submit(self, *args, **kwargs) -> str:
+        raise RuntimeError(self.read_only_reason)
+
+    def abort(self, request_id: str, *args) -> None:
+        raise RuntimeError(self.read_only_reason)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 
+from inspector.engine_protocol import ReadOnlyEngine
 from runtime.telemetry import (
     EngineSnapshot,
     IntegrityEvent,
@@ -23,7 +23,6 @@ from runtime.telemetry import (
     RadixSummary,
     RequestInfo,
     TierUsage,
-    TokenEvent,
 )
 
 READ_ONLY = "attached to a server: chat is not available here; send requests to its API"
@@ -74,8 +73,10 @@ class AttachError(Exception):
     """The server cannot be reached or refused the key (one line, for the CLI)."""
 
 
-class RemoteEngine:
+class RemoteEngine(ReadOnlyEngine):
     """EngineProtocol over HTTP: snapshots from the server's stream, nothing else driven."""
+
+    read_only_reason = READ_ONLY
 
     def __init__(self, url: str, api_key: str | None = None, interval_s: float = 0.5):
         self.url = url.rstrip("/")
@@ -143,16 +144,3 @@ class RemoteEngine:
         if self.error:
             info["connection"] = self.error
         return info
-
-    def step(self) -> list[TokenEvent]:
-        time.sleep(0.05)
-        return []
-
-    def has_work(self) -> bool:
-        return False
-
-    def submit(self, *args, **kwargs) -> str:
-        raise RuntimeError(READ_ONLY)
-
-    def abort(self, request_id: str, *args) -> None:
-        raise RuntimeError(READ_ONLY)

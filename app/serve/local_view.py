@@ -6,14 +6,15 @@ and `step()` returns nothing), and chat from the TUI is refused with a clear mes
 
 from __future__ import annotations
 
-import time
-
-from runtime.telemetry import EngineSnapshot, TokenEvent
+from inspector.engine_protocol import ReadOnlyEngine
+from runtime.telemetry import EngineSnapshot
 
 READ_ONLY = "serving: chat is not available in the TUI; send requests to the server's API"
 
 
-class LocalView:
+class LocalView(ReadOnlyEngine):
+    read_only_reason = READ_ONLY
+
     def __init__(self, runner):
         self.runner = runner
 
@@ -25,16 +26,3 @@ class LocalView:
         info = dict(self.runner.engine.model_info())
         info["serving"] = READ_ONLY
         return info
-
-    def step(self) -> list[TokenEvent]:
-        time.sleep(0.05)
-        return []
-
-    def has_work(self) -> bool:
-        return False
-
-    def submit(self, *args, **kwargs) -> str:
-        raise RuntimeError(READ_ONLY)
-
-    def abort(self, request_id: str, *args) -> None:
-        raise RuntimeError(READ_ONLY)
