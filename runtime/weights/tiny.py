@@ -96,19 +96,32 @@ def tiny_config(arch: str, **overrides) -> dict:
     return raw
 
 
-def tiny_tensors(raw: dict, seed: int = 0, scale: float = 0.15) -> dict[str, torch.Tensor]:
-    """Random weights for every tensor the published layout names, per-expert experts."""
+def tiny_tensors(
+    raw: dict,
+    seed: int = 0,
+    scale: float = 0.15,
+    fan_in: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Random weights for every tensor the published layout names, per-expert experts.
+
+    `fan_in`: every matrix but the embedding is drawn with std 1/sqrt(in_features) instead of
+    the fixed `scale`, so activations keep their size through wide layers (the benchmark presets;
+    a fixed 0.15 grows them by 0.15 * sqrt(width) per matrix). Each tensor is cast to `dtype` as
+    it is drawn (peak memory: the checkpoint in `dtype` plus one fp32 tensor)."""
     cfg = parse_config(raw)
     g = torch.Generator().manual_seed(seed)
 
-    def rnd(*shape, s=scale):
-        return torch.randn(*shape, generator=g) * s
+    def rnd(*shape, s=scale, fixed=False):
+        if fan_in and len(shape) == 2 and not fixed:
+            s = shape[1] ** -0.5
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
 
     def norm(n):
         return 1.0 + rnd(n, s=0.1)
 
     d, v = cfg.hidden_size, cfg.vocab_size
-    t = {"model.embed_tokens.weight": rnd(v, d, s=1.0), "model.norm.weight": norm(d)}
+    t = {"model.embed_tokens.weight": rnd(v, d, s=1.0, fixed=True), "model.norm.weight": norm(d)}
     t["lm_head.weight"] = rnd(v, d, s=0.3)
     for li in range(cfg.num_layers):
         p = f"model.layers.{li}"
