@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
+from app.bench_figures import LLAMACPP
 from app.bench_runners import RunResult
 from runtime.errors import KvscopeError
 
-LLAMACPP = "llama.cpp"
 LLAMA_VERSION = "0.3.36"  # llama-cpp-python sdist whose vendored llama.cpp `make llamacpp` builds
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "kvscope-greedy-ids")

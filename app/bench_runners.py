@@ -237,6 +237,6 @@ def engine_rate(engine) -> float | None:
 
 
 def select(runner, contender: str):
-    if contender not in ("kvscope", COMPILE_VARIANT):
+    if contender not in ("kvscope", "llama.cpp", COMPILE_VARIANT):
         runner.set_variant(contender)
     return runner
