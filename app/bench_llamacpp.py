@@ -210,6 +210,7 @@ class LlamaCppRunner:
         self.peak_rss = 0
         self.raw: list[dict] = []  # every parsed tool row, for the JSON
         self.build: str | None = None
+        self.retries = 0  # llama-batched-bench runs repeated for a lost result line
 
     def _tool(self, cmd: list[str]) -> str:
         out, rss = run_tool(cmd)
@@ -239,10 +240,23 @@ class LlamaCppRunner:
             self.raw += [pp, tg]
             prefill_s, decode_s = plen / pp["tok_s"], (n - 1) / tg["tok_s"]
         else:
-            row = parse_batched_bench(self._tool(cmds[0]))[0]
+            row = self._batched(cmds[0])
             self.raw.append(row)
             prefill_s, decode_s = row["t_pp"], row["t_tg"]
-        return RunResult(batch, plen, n, prefill_s, decode_s, [[] for _ in prompts], 0.0)
+        # the tools' CPU time covers loading and warm-up too: the per-CPU-second row stays empty
+        return RunResult(batch, plen, n, prefill_s, decode_s, [[] for _ in prompts], None)
+
+    def _batched(self, cmd: list[str]) -> dict:
+        """llama-batched-bench prints its result through llama.cpp's asynchronous logger, which
+        now and then loses the line at exit (seen here once in a few dozen runs): one retry."""
+        for attempt in (0, 1):
+            try:
+                return parse_batched_bench(self._tool(cmd))[0]
+            except KvscopeError:
+                if attempt:
+                    raise
+                self.retries += 1
+        raise AssertionError("unreachable")
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         cmd = [self.lc.tool("kvscope-greedy-ids"), str(self.gguf), str(n), str(self.threads)]

@@ -322,6 +322,7 @@ def test_end_to_end_llamacpp(tmp_path, presets, monkeypatch, capsys):
     for key in ("prefill_b1", "decode_b1", "decode_b8", "peak_mem_cpu"):
         assert figs[key]["llamacpp"]["median"] > 0 and figs[key]["ratio_vs_llamacpp"] > 0
     assert len(res["runs"][LLAMACPP]["b1"]) == 2
+    assert figs["decode_cpu_b1"]["llamacpp"] is None  # the tools' CPU time is not per decode
     la = res["agreement"]["llamacpp"]
     assert la["tokens"] == 6 and len(la["llamacpp_tokens"]) == 6
     assert la["matching"] >= 1  # fp32 on both sides: the first greedy token at least agrees
