@@ -321,6 +321,7 @@ def run_bench(args, argv: list[str]) -> dict:
         memory[LLAMACPP] = {"cpu": float(lr.peak_rss)}  # the tools' own peak RSS
         llama_info.update(build=lr.build, tool_rows=lr.raw, peak_rss_bytes=lr.peak_rss)
         llama_info["batched_bench_retries"] = lr.retries
+        llama_info["peak_rss_bytes_by_tool"] = lr.peak_rss_by_tool
     for c, by in first.items():
         if c != KV:
             agree["batch1"][c] = agreement(first[KV]["b1"].tokens[0], by["b1"].tokens[0])

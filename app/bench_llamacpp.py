@@ -10,7 +10,7 @@ llama-cpp-python sdist into .cache/llamacpp/build/bin (KVSCOPE_LLAMACPP_DIR over
 - batch 1: llama-bench, prefill of the prompt length (`-p`) and decode of n - 1 tokens after a
   context of the prompt length (`-n`, `-d`), its own warm-up run first;
 - batch 8: llama-batched-bench, 8 parallel sequences with their own prompts (`-npl 8`);
-- peak memory: the children's own peak RSS (wait4's ru_maxrss of each tool process);
+- peak memory: each tool process's own peak RSS (its VmHWM, polled while it runs);
 - greedy tokens: kvscope-greedy-ids (tools/llamacpp/greedy_ids.cpp, built against the same
   libllama) from the same prompt ids, compared one to one with kvscope's.
 Every tool runs with kvscope's thread count (`-t`), in the same interleaved loop as the others.
@@ -174,28 +174,45 @@ def parse_batched_bench(text: str) -> list[dict]:
     return rows
 
 
+def _hwm_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run_tool(cmd: list[str], timeout: float = 1800) -> tuple[str, int]:
-    """Run one tool; returns (stdout, peak RSS bytes of that process, from wait4)."""
+    """Run one tool; returns (stdout, its peak RSS in bytes).
+
+    The peak is the child's own VmHWM, polled every 10 ms while it runs (a high-water mark, so
+    only growth in its last 10 ms can be missed). Not wait4's ru_maxrss: Linux folds the
+    parent's RSS at fork/exec time into the child's maxrss, which here would report kvscope's
+    multi-GB footprint as llama.cpp's."""
+    peak = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err)
         t0 = time.monotonic()
-        while True:  # wait4 on this pid: its own rusage, not every child's high-water mark
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
+        while True:
+            hwm = _hwm_bytes(p.pid)
+            peak = max(peak, hwm or 0)
+            if p.poll() is not None:
                 break
             if time.monotonic() - t0 > timeout:
                 p.kill()
-                pid, status, usage = os.wait4(p.pid, 0)
+                p.wait()
                 break
-            time.sleep(0.02)
-        p.returncode = os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if p.returncode != 0:
         tail = stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise KvscopeError(f"{Path(cmd[0]).name} exited {p.returncode}: {tail[0]}")
-    return stdout, usage.ru_maxrss * 1024
+    return stdout, peak
 
 
 class LlamaCppRunner:
@@ -208,13 +225,16 @@ class LlamaCppRunner:
     def __init__(self, lc: LlamaCpp, gguf: Path, threads: int, gtype: str):
         self.lc, self.gguf, self.threads, self.gtype = lc, gguf, threads, gtype
         self.peak_rss = 0
+        self.peak_rss_by_tool: dict[str, int] = {}
         self.raw: list[dict] = []  # every parsed tool row, for the JSON
         self.build: str | None = None
         self.retries = 0  # llama-batched-bench runs repeated for a lost result line
 
     def _tool(self, cmd: list[str]) -> str:
         out, rss = run_tool(cmd)
+        name = Path(cmd[0]).name
         self.peak_rss = max(self.peak_rss, rss)
+        self.peak_rss_by_tool[name] = max(self.peak_rss_by_tool.get(name, 0), rss)
         return out
 
     def bench_commands(self, batch: int, plen: int, n: int) -> list[list[str]]:
