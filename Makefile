@@ -47,6 +47,10 @@ LLAMA_CACHE := .cache/llamacpp
 LLAMA_SRC   := $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp
 LLAMA_TOOLS := llama-bench llama-batched-bench llama-quantize llama-simple llama-completion llama-tokenize
 LLAMA_JOBS  ?= 2
+# AMX off: these VMs' CPUs advertise AMX but the hypervisor does not enable its tile state, so
+# -march=native's AMX kernels (Q8_0/Q4_0 matmuls) die with SIGILL. Set LLAMA_CPU_FLAGS= to keep
+# AMX where it works.
+LLAMA_CPU_FLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
 llamacpp: install
 	mkdir -p $(LLAMA_CACHE)
@@ -54,7 +58,8 @@ llamacpp: install
 	  $(BIN)/pip download -q --no-deps --no-binary :all: -d $(LLAMA_CACHE) llama-cpp-python==$(LLAMA_VER)
 	test -d $(LLAMA_SRC) || tar -xzf $(LLAMA_CACHE)/llama_cpp_python-$(LLAMA_VER).tar.gz -C $(LLAMA_CACHE)
 	cmake -S $(LLAMA_SRC) -B $(LLAMA_CACHE)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-	  -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+	  -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF \
+	  -DCMAKE_C_FLAGS="$(LLAMA_CPU_FLAGS)" -DCMAKE_CXX_FLAGS="$(LLAMA_CPU_FLAGS)"
 	nice -n 10 cmake --build $(LLAMA_CACHE)/build -j $(LLAMA_JOBS) --target $(LLAMA_TOOLS)
 	$(CXX) -O2 -std=c++17 tools/llamacpp/greedy_ids.cpp -I $(LLAMA_SRC)/include \
 	  -I $(LLAMA_SRC)/ggml/include -L $(LLAMA_CACHE)/build/bin -lllama \
