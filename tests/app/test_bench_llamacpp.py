@@ -327,3 +327,14 @@ def test_end_to_end_llamacpp(tmp_path, presets, monkeypatch, capsys):
     assert la["tokens"] == 6 and len(la["llamacpp_tokens"]) == 6
     assert la["matching"] >= 1  # fp32 on both sides: the first greedy token at least agrees
     assert "greedy agreement, batch 1" in capsys.readouterr().out
+
+
+def test_run_tool_peak_rss_is_the_childs_own():
+    """150 MB in the child: its own high-water mark, not the parent's RSS folded in at exec."""
+    code = "b = bytearray(150_000_000); b[::4096] = b'x' * len(b[::4096]); "
+    code += "import time; time.sleep(0.3)"
+    out, peak = bl.run_tool([sys.executable, "-c", code + "; print('ok')"])
+    assert out.strip() == "ok"
+    assert 150e6 <= peak < 150e6 + 100e6
+    with pytest.raises(KvscopeError, match="exited 3"):
+        bl.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"])
