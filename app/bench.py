@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from app import bench_cached
+from app import bench_cached, bench_llamacpp
 from app.bench_figures import KV, build_figure, figure_specs, summary
 from app.bench_floors import (
     MemoryProbe,
@@ -38,6 +38,7 @@ from app.bench_floors import (
     param_counts,
     versions,
 )
+from app.bench_llamacpp import LLAMACPP
 from app.bench_report import report
 from app.bench_runners import (
     COMPILE_VARIANT,
@@ -70,8 +71,9 @@ def add_bench_args(p) -> None:
     g.add_argument(
         "--peers",
         default="fastest",
-        choices=["fastest", "all", "none"],
-        help="time transformers' fastest path + eager, every variant, or nothing",
+        choices=["fastest", "all", "none", "llamacpp"],
+        help="transformers' fastest path + eager; every transformers variant + llama.cpp "
+        "(skipped with a note if not built); nothing; llama.cpp only (`make llamacpp`)",
     )
     g.add_argument(
         "--peer-compile",
@@ -138,6 +140,29 @@ def _settle_cpu_graph(kv: KvscopeRunner, prompts: Prompts, n: int) -> dict | Non
     }
 
 
+def _setup_llamacpp(lc, args, quant: str, dtype, prompts: Prompts, n: int):
+    """GGUF at kvscope's precision (cached), the runner, one untimed run per shape (the tools
+    warm up on their own too; this one pages the GGUF in)."""
+    gtype = bench_llamacpp.gguf_type(quant, dtype)
+    gguf = bench_llamacpp.ensure_gguf(lc, Path(args.model), gtype, _log)
+    runner = bench_llamacpp.LlamaCppRunner(lc, gguf, torch.get_num_threads(), gtype)
+    _log(f"llama.cpp: {gguf.name}, {runner.threads} threads; warming up")
+    for b in BATCHES:
+        runner.run(prompts(0, b), n)
+    info = {
+        "gguf": str(gguf),
+        "gguf_type": gtype,
+        "gguf_bytes": gguf.stat().st_size,
+        "threads": runner.threads,
+        "sdist": f"llama-cpp-python {bench_llamacpp.LLAMA_VERSION}",
+        "commands": {
+            f"b{b}": [" ".join(c) for c in runner.bench_commands(b, args.prompt_len, n)]
+            for b in BATCHES
+        },
+    }
+    return runner, info
+
+
 def run_bench(args, argv: list[str]) -> dict:
     econf = engine_config(args)
     if args.threads:
@@ -151,6 +176,15 @@ def run_bench(args, argv: list[str]) -> dict:
     prompts = Prompts(seed, cfg.vocab_size, plen)
     shapes = {f"b{b}": b for b in BATCHES}
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    notes: list[str] = []
+    llama = None
+    if args.peers in ("llamacpp", "all"):  # before loading anything: a missing build fails fast
+        llama, why = bench_llamacpp.available()
+        if llama is None and args.peers == "llamacpp":
+            raise KvscopeError(why)
+        if llama is None:
+            notes.append(f"llama.cpp skipped: {why}")
+            _log(notes[-1])
 
     memory: dict[str, dict[str, float]] = {}
     first: dict[str, dict[str, RunResult]] = {}  # contender -> shape -> first warm-up run
@@ -167,7 +201,13 @@ def run_bench(args, argv: list[str]) -> dict:
     timed: dict[str, list[str]] = {s: [KV] for s in shapes}
     trial: dict[str, dict[str, float]] = {s: {} for s in shapes}
     attn, turn = None, 10_000  # prompt index for the trial runs
-    if args.peers != "none":
+    llama_info = None
+    if llama is not None:
+        llama_runner, llama_info = _setup_llamacpp(llama, args, econf.quant, dtype, prompts, n)
+        runners[LLAMACPP] = llama_runner
+        for s in shapes:
+            timed[s].append(LLAMACPP)
+    if args.peers in ("fastest", "all"):
         _log("loading transformers")
         import transformers  # noqa: F401 - imported outside the memory probe
 
@@ -269,6 +309,19 @@ def run_bench(args, argv: list[str]) -> dict:
     floors_info["decode_floor_tok_s"] = floors
 
     agree = {"dtype": str(dtype).replace("torch.", ""), "batch1": {}, "batch8": {}}
+    if llama_info is not None:  # llama.cpp's greedy tokens from the same prompt ids as ours
+        lr = runners[LLAMACPP]
+        got = lr.greedy(prompts(0, 1)[0], n)
+        agree["llamacpp"] = {
+            "gguf_type": lr.gtype,
+            **agreement(first[KV]["b1"].tokens[0], got),
+            "kvscope_tokens": first[KV]["b1"].tokens[0],
+            "llamacpp_tokens": got,
+        }
+        memory[LLAMACPP] = {"cpu": float(lr.peak_rss)}  # the tools' own peak RSS
+        llama_info.update(build=lr.build, tool_rows=lr.raw, peak_rss_bytes=lr.peak_rss)
+        llama_info["batched_bench_retries"] = lr.retries
+        llama_info["peak_rss_bytes_by_tool"] = lr.peak_rss_by_tool
     for c, by in first.items():
         if c != KV:
             agree["batch1"][c] = agreement(first[KV]["b1"].tokens[0], by["b1"].tokens[0])
@@ -320,6 +373,8 @@ def run_bench(args, argv: list[str]) -> dict:
             "weight_bytes_per_step": {f"b{b}": bytes_per_step(cfg, b, dbytes) for b in BATCHES},
         },
         "floors": floors_info,
+        "llamacpp": llama_info,
+        "notes": notes,
         "peer_selection": {"timed": timed, "trial_decode_tok_s": trial},
         "agreement": agree,
         "memory_bytes": memory,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from app.bench_runners import EAGER, RunResult
 
 KV = "kvscope"
+LLAMACPP = "llama.cpp"  # a peer of its own: never folded into "transformers fastest"
 HICACHE_NA = "n/a (HiCache not enabled)"
 OFFLOAD_NA = "n/a (experts resident; offload with --expert-cache)"
 
@@ -156,6 +157,7 @@ def build_figure(
     fig = {"key": spec.key, "label": spec.label, "unit": spec.unit, "better": spec.better}
     fig.update(kvscope=None, peer=None, ratio=None, eager=None, ratio_vs_eager=None, na=None)
     fig.update(floor=None, floor_fraction=None, peer_floor_fraction=None, variants={})
+    fig.update(llamacpp=None, ratio_vs_llamacpp=None, llamacpp_floor_fraction=None)
     per: dict[str, list[float]] = {}
     if spec.source == "na":
         fig["na"] = na.get(spec.key, HICACHE_NA if spec.key.startswith("ttft") else OFFLOAD_NA)
@@ -170,8 +172,13 @@ def build_figure(
         fig["na"] = "n/a (not measured)"
         return fig
     fig["kvscope"] = summary(per[KV])
-    peers = {c: summary(v) for c, v in per.items() if c != KV}
+    peers = {c: summary(v) for c, v in per.items() if c not in (KV, LLAMACPP)}
     fig["variants"] = peers
+    if LLAMACPP in per:
+        fig["llamacpp"] = summary(per[LLAMACPP])
+        fig["ratio_vs_llamacpp"] = ratio(
+            fig["kvscope"]["median"], fig["llamacpp"]["median"], spec.better
+        )
     if peers:
         pick = max if spec.better == "higher" else min
         best = pick(peers, key=lambda c: peers[c]["median"])
@@ -188,6 +195,8 @@ def build_figure(
         fig["floor_fraction"] = fig["kvscope"]["median"] / floor
         if fig["peer"]:
             fig["peer_floor_fraction"] = fig["peer"]["median"] / floor
+        if fig["llamacpp"]:
+            fig["llamacpp_floor_fraction"] = fig["llamacpp"]["median"] / floor
     return fig
 
 
@@ -223,11 +232,14 @@ def format_table(figures: list[dict]) -> str:
         "ratio",
         "floor frac (kv/tf)",
     ]
+    llama = any(f.get("llamacpp") for f in figures)  # its columns only when it ran
+    if llama:
+        head += ["llama.cpp", "ratio", "floor frac"]
     rows = []
     for f in figures:
         label = f"{f['label']} ({f['unit']})"
         if f["na"]:
-            rows.append([label, f["na"], "", "", "", "", "", ""])
+            rows.append([label, f["na"]] + [""] * (len(head) - 2))
             continue
         u = f["unit"]
         frac = "-"
@@ -247,6 +259,13 @@ def format_table(figures: list[dict]) -> str:
                 frac,
             ]
         )
+        if llama:
+            lf = f.get("llamacpp_floor_fraction")
+            rows[-1] += [
+                _cell(f.get("llamacpp"), u),
+                _x(f.get("ratio_vs_llamacpp")),
+                "-" if lf is None else f"{lf:.1%}",
+            ]
     full = [r for r in rows if not r[1].startswith("n/a")] + [head]
     widths = [max(len(r[i]) for r in full) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]

@@ -49,10 +49,16 @@ def report(res: dict) -> str:
                 else f"eager (CPU graph compile failed: {graph['failed']})"
             )
         )
+    lc = res.get("llamacpp")
+    if lc:
+        lines.append(
+            f"llama.cpp: {lc['sdist']} (build {lc.get('build')}), {lc['gguf_type'].upper()} GGUF "
+            f"{lc['gguf_bytes'] / 1e6:,.0f} MB, {lc['threads']} threads; batch 1: llama-bench, "
+            "batch 8: llama-batched-bench (8 sequences); memory: the tools' peak RSS"
+        )
+    lines += [f"note: {x}" for x in res.get("notes", [])]
     lines += ["", format_table(res["figures"]), ""]
-    lines.append(
-        "ratio > 1: kvscope better (rates: kvscope / transformers; times, memory: inverse)"
-    )
+    lines.append("ratio > 1: kvscope better (rates: kvscope / peer; times, memory: peer / kvscope)")
     ct = res["cached_ttft"]
     if ct["runs"]:
         lines.append(
@@ -70,6 +76,17 @@ def report(res: dict) -> str:
         lines.append(
             f"greedy agreement, batch 1, {ag['dtype']}: kvscope vs transformers {c}: "
             f"{a['matching']}/{a['tokens']} tokens{div}"
+        )
+    la = res["agreement"].get("llamacpp")
+    if la:
+        div = (
+            ""
+            if la["first_divergence"] is None
+            else f", first divergence at {la['first_divergence']}"
+        )
+        lines.append(
+            f"greedy agreement, batch 1: kvscope ({ag['dtype']}, --quant {s['quant']}) vs "
+            f"llama.cpp {la['gguf_type'].upper()}: {la['matching']}/{la['tokens']} tokens{div}"
         )
     trial = res["peer_selection"]["trial_decode_tok_s"]
     if any(trial.values()):

@@ -35,7 +35,7 @@ class RunResult:
     prefill_s: float  # start -> every sequence has its first token's logits
     decode_s: float  # the remaining new_tokens - 1 steps
     tokens: list[list[int]]
-    decode_cpu_s: float = 0.0  # process CPU time of the decode steps (all threads)
+    decode_cpu_s: float | None = 0.0  # process CPU time of the decode steps; None: unknown
     extra: dict = field(default_factory=dict)  # kvscope: cached_tokens, expert_hit_rate
 
     @property
@@ -48,10 +48,12 @@ class RunResult:
         return self.batch * steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
     @property
-    def decode_tok_cpu_s(self) -> float:
+    def decode_tok_cpu_s(self) -> float | None:
         """Tokens per second of process CPU time: what neighbours on a shared machine cannot
-        slow down (time spent descheduled is not counted)."""
+        slow down (time spent descheduled is not counted). None where not measured."""
         steps, cpu = self.new_tokens - 1, self.decode_cpu_s
+        if cpu is None:
+            return None
         return self.batch * steps / cpu if steps > 0 and cpu > 0 else 0.0
 
 
@@ -248,6 +250,6 @@ def engine_rate(engine) -> float | None:
 
 
 def select(runner, contender: str):
-    if contender not in ("kvscope", COMPILE_VARIANT):
+    if contender not in ("kvscope", "llama.cpp", COMPILE_VARIANT):
         runner.set_variant(contender)
     return runner

@@ -65,10 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     from app.chaos import add_chaos_args
 
     add_chaos_args(c)
-    t = sub.add_parser("make-tiny", help="write a random tiny checkpoint")
+    t = sub.add_parser("make-tiny", help="write a random tiny (or --preset) checkpoint")
     t.add_argument("--arch", required=True, choices=["glm_moe_dsa", "glm4_moe"])
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--preset",
+        choices=["cpu-mini"],
+        help="benchmark size: bf16, 32k BPE tokenizer (docs/performance.md); default: tiny",
+    )
     from app.expert_bench import add_expert_bench_args
     from app.gpu_check import add_gpu_check_args
     from app.quant_eval import add_quant_eval_args
@@ -175,6 +180,12 @@ def cmd_chaos(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
+    if args.preset:
+        from runtime.weights.presets import write_preset
+
+        write_preset(args.out, args.preset, args.arch, seed=args.seed)
+        print(f"wrote {args.preset} {args.arch} checkpoint to {args.out}")
+        return 0
     from runtime.weights.tiny import write_tiny
 
     out = write_tiny(args.out, args.arch, seed=args.seed)

@@ -102,21 +102,29 @@ def tiny_tensors(
     scale: float = 0.15,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    fan_in: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Random weights for every tensor the published layout names, per-expert experts. Drawn on
     ``device`` (a GPU makes billions of parameters in a second; the CPU default keeps every
-    existing seed's weights) and stored as ``dtype``."""
+    existing seed's weights) and stored as ``dtype``, each tensor cast as it is drawn (peak
+    memory: the checkpoint in ``dtype`` plus one fp32 tensor).
+
+    `fan_in`: every matrix but the embedding is drawn with std 1/sqrt(in_features) instead of
+    the fixed `scale`, so activations keep their size through wide layers (the benchmark presets;
+    a fixed 0.15 grows them by 0.15 * sqrt(width) per matrix)."""
     cfg = parse_config(raw)
     g = torch.Generator(device=device).manual_seed(seed)
 
-    def rnd(*shape, s=scale):
+    def rnd(*shape, s=scale, fixed=False):
+        if fan_in and len(shape) == 2 and not fixed:
+            s = shape[1] ** -0.5
         return (torch.randn(*shape, generator=g, device=device) * s).to(dtype)
 
     def norm(n):
         return 1.0 + rnd(n, s=0.1)
 
     d, v = cfg.hidden_size, cfg.vocab_size
-    t = {"model.embed_tokens.weight": rnd(v, d, s=1.0), "model.norm.weight": norm(d)}
+    t = {"model.embed_tokens.weight": rnd(v, d, s=1.0, fixed=True), "model.norm.weight": norm(d)}
     t["lm_head.weight"] = rnd(v, d, s=0.3)
     for li in range(cfg.num_layers):
         p = f"model.layers.{li}"
