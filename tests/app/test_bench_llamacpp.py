@@ -51,11 +51,17 @@ GLM4_SMALL = dict(num_key_value_heads=2, head_dim=16)
 
 
 @pytest.fixture(scope="module")
-def presets(tmp_path_factory):
+def preset_cache(tmp_path_factory):
+    """The XDG cache dir the presets' tokenizer was cached in (each test gets its own
+    XDG_CACHE_HOME from tests/conftest.py; cache tests point it back here)."""
+    return tmp_path_factory.mktemp("xdg")
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory, preset_cache):
     """Reduced-size cpu-mini presets of both architectures (tokenizer cache in a temp dir)."""
-    cache = tmp_path_factory.mktemp("xdg")
     mp = pytest.MonkeyPatch()
-    mp.setenv("XDG_CACHE_HOME", str(cache))
+    mp.setenv("XDG_CACHE_HOME", str(preset_cache))
     made = {}
     for arch, extra in (("glm_moe_dsa", DSA_SMALL), ("glm4_moe", GLM4_SMALL)):
         out = tmp_path_factory.mktemp(arch)
@@ -109,8 +115,9 @@ def test_preset_writer_small(small_preset):
     assert pre_tokenizer_name(out) == "gpt-2"
 
 
-def test_tokenizer_cached_and_deterministic(small_preset, tmp_path, monkeypatch):
+def test_tokenizer_cached_and_deterministic(small_preset, preset_cache, tmp_path, monkeypatch):
     out, raw = small_preset
+    monkeypatch.setenv("XDG_CACHE_HOME", str(preset_cache))
 
     def no_training(*a, **k):
         raise AssertionError("retrained although cached")
