@@ -61,7 +61,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
-import logging
 import os
 import sys
 import tempfile
@@ -75,6 +74,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from runtime.compile_log import THREAD_NAME, failure_log, log_detail, quiet_torch_logs, verbose
 from runtime.kv.pool import KVPool
 from runtime.models.base import graph_safe
 from runtime.models.batch import ForwardBatch
@@ -106,75 +106,9 @@ _GRAPHS: weakref.WeakSet = weakref.WeakSet()  # every CpuDecodeGraph of this pro
 _ABANDONED = threading.Event()  # set at shutdown: no compile starts any more
 
 
-def _verbose() -> bool:
-    """--verbose (app/cli.py sets KVSCOPE_VERBOSE=1): tracebacks on stderr too."""
-    return os.environ.get("KVSCOPE_VERBOSE", "0") not in ("", "0")
-
-
 class CompileAbandoned(BaseException):
     """Raised inside a compile thread at shutdown. A BaseException, so that torch's own
     ``except Exception`` handlers do not swallow it."""
-
-
-def failure_log() -> Path:
-    """Where failed compiles write their traceback (the user cache dir)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvscope" / "cpu_graph.log"
-
-
-def _log_detail(text: str) -> str:
-    """Append ``text`` to failure_log(); returns where it went (or why it could not)."""
-    path = failure_log()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{text}\n")
-        return str(path)
-    except OSError as e:
-        return f"(log {path} not writable: {e.strerror})"
-
-
-class _CompileThreadLogs(logging.Filter):
-    """On torch's log handlers: records emitted by a compile thread go to failure_log(), not to
-    the terminal (torch logs a failed export or lowering with its whole traceback)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if threading.current_thread().name != "kvscope-cpu-graph":
-            return True
-        if record.levelno >= logging.WARNING:
-            _log_detail(logging.Formatter().format(record))
-        return _verbose()
-
-
-_FILTER = _CompileThreadLogs()
-_SHOW_WARNING = warnings.showwarning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings raised inside a compile thread go to failure_log() (unless --verbose)."""
-    if threading.current_thread().name == "kvscope-cpu-graph" and not _verbose():
-        _log_detail(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
-        return
-    _SHOW_WARNING(message, category, filename, lineno, file, line)
-
-
-warnings.showwarning = _show_warning
-
-
-def _quiet_torch_logs() -> None:
-    """Attach the filter to every handler of torch's loggers (torch adds handlers lazily)."""
-    loggers = [logging.getLogger("torch")]
-    loggers += [
-        lg
-        for name, lg in logging.root.manager.loggerDict.items()
-        if name.startswith("torch") and isinstance(lg, logging.Logger)
-    ]
-    handlers = [h for lg in loggers + [logging.getLogger()] for h in lg.handlers]
-    if logging.lastResort is not None:  # what prints a record when no handler is configured
-        handlers.append(logging.lastResort)
-    for h in handlers:
-        if _FILTER not in h.filters:
-            h.addFilter(_FILTER)
 
 
 def abandon_compiles(timeout: float = 5.0) -> bool:
@@ -422,7 +356,7 @@ class CpuDecodeGraph:
                     if self._closed or _ABANDONED.is_set():
                         return self._drop_queue()
                     self._compiling = True
-                _quiet_torch_logs()
+                quiet_torch_logs()
                 fn = self._compile(bucket)
             except CompileAbandoned:  # shutdown: the bucket stays eager, nothing is kept
                 return self._drop_queue()
@@ -452,9 +386,9 @@ class CpuDecodeGraph:
     def _report_failure(bucket: tuple[int, int], exc: Exception) -> None:
         """One line on stderr; the traceback in failure_log() (and on stderr if VERBOSE)."""
         detail = "".join(traceback.format_exception(exc))
-        where = _log_detail(f"bucket batch {bucket[0]}, {bucket[1]} columns\n{detail}")
+        where = log_detail(f"bucket batch {bucket[0]}, {bucket[1]} columns\n{detail}")
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        if _verbose():
+        if verbose():
             sys.stderr.write(detail)
         sys.stderr.write(
             f"kvscope: CPU decode graph: compiling bucket (batch {bucket[0]}, {bucket[1]} "
@@ -488,7 +422,7 @@ class CpuDecodeGraph:
             self._queue.append(bucket)
             if self._worker is None:
                 # Not a daemon: the interpreter never finalizes under a compile (see the top).
-                self._worker = threading.Thread(target=self._work, name="kvscope-cpu-graph")
+                self._worker = threading.Thread(target=self._work, name=THREAD_NAME)
                 self._worker.start()
             self._cv.notify_all()
 
