@@ -308,3 +308,24 @@ def test_a_script_ending_during_a_compile_exits_0(tmp_path, tiny_dsa):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "compiling"
     assert "terminate" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["bench", "--peers", "none", "--repeats", "1", "--warmup", "1", "--prompt-len", "8"]
+        + ["--decode-tokens", "4", "--no-cached", "--threads", "1"],
+        ["chaos", "--requests", "2", "--max-new-tokens", "4", "--clean-only"],
+    ],
+    ids=["bench", "chaos"],
+)
+def test_other_modes_exit_0_without_a_traceback(tmp_path, tiny_dsa, mode):
+    """bench and chaos end through the same shutdown path as batch: status 0 and nothing on
+    stderr that looks like a crash (progress lines are fine)."""
+    cmd = [KVSCOPE, mode[0], "--model", str(tiny_dsa), "--device", "cpu", *mode[1:]]
+    run = subprocess.run(
+        cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for crash in ("Traceback", "terminate called", "Aborted", "Segmentation"):
+        assert crash not in run.stderr, run.stderr[-2000:]
