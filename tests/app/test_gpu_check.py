@@ -5,6 +5,7 @@ developer modes moved out of the product packages (issue #16)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -60,9 +61,11 @@ def test_rehearsal_runs_every_section_with_its_figures(rehearsal):
     for r in fig["offload"]["kvscope"].values():
         assert r["decode_tok_s"] > 0 and 0 < r["capacity"] < 8  # 25 % of 8 experts
     assert fig["offload"]["transformers_accelerate"]["decode_tok_s"] > 0
-    # every target has a value and a verdict (met or missed: CPU figures mean nothing here)
+    # every target has a value and a verdict (met or missed: CPU figures mean nothing here);
+    # rates are positive, an overhead may come out negative (noise on a shared CPU)
     for name, t in doc["targets"].items():
-        assert isinstance(t["met"], bool) and t["ratio"] > 0, (name, t)
+        assert isinstance(t["met"], bool) and math.isfinite(t["ratio"]), (name, t)
+        assert t["ratio"] > 0 or t["target"].startswith("<="), (name, t)
 
 
 def gpu_check_ops() -> list[str]:
