@@ -78,15 +78,18 @@ def check_rmsnorm(dev, iters):
     return f"T={x.shape[0]} D={x.shape[1]} +res", rel, 1e-2, t, tr
 
 
+def _rope_tables(t: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bf16 cos / sin [t, 64] in transformers' layout (cat(freqs, freqs))."""
+    ang = torch.rand(t, 32, device=dev) * 100
+    both = torch.cat([ang, ang], -1)
+    return both.cos().bfloat16(), both.sin().bfloat16()
+
+
 def check_rope(dev, iters):
     from kernels.rope import reference_rope_interleave, rope_interleave
 
     x = torch.randn(_n(256, 3), _n(64, 3), 64, device=dev).bfloat16()
-    ang = torch.rand(x.shape[0], 32, device=dev) * 100
-    cos, sin = (
-        torch.cat([ang, ang], -1).cos().bfloat16(),
-        torch.cat([ang, ang], -1).sin().bfloat16(),
-    )
+    cos, sin = _rope_tables(x.shape[0], dev)
     out = rope_interleave(x, cos, sin)
     ref = reference_rope_interleave(x.float(), cos.float(), sin.float())
     t = _time_us(lambda: rope_interleave(x, cos, sin), iters)
@@ -98,11 +101,7 @@ def check_rope_neox(dev, iters):
     from kernels.rope import reference_rope_neox, rope_neox
 
     x = torch.randn(_n(256, 3), _n(96, 3), 128, device=dev).bfloat16()
-    ang = torch.rand(x.shape[0], 32, device=dev) * 100
-    cos, sin = (
-        torch.cat([ang, ang], -1).cos().bfloat16(),
-        torch.cat([ang, ang], -1).sin().bfloat16(),
-    )
+    cos, sin = _rope_tables(x.shape[0], dev)
     out = rope_neox(x, cos, sin)
     ref = reference_rope_neox(x.float(), cos.float(), sin.float())
     t = _time_us(lambda: rope_neox(x, cos, sin), iters)
