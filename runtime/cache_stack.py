@@ -32,9 +32,14 @@ def build_kv_stack(
     dtype: torch.dtype,
     device: torch.device,
     copy_hooks=None,
+    kv_layers: int | None = None,
+    mtp_lookahead: int = 0,
 ) -> KVStack:
+    """``kv_layers``: layers with KV planes (the main layers + a loaded MTP layer; default the
+    main layers); ``mtp_lookahead``: see Scheduler."""
     ps = ec.page_size
-    probe = KVPool(cfg.num_layers, 1, ps, cfg.plane_widths(), dtype, "meta")
+    n_layers = kv_layers or cfg.num_layers
+    probe = KVPool(n_layers, 1, ps, cfg.plane_widths(), dtype, "meta")
     bpp = probe.bytes_per_page
     if ec.kv_mem is not None:
         slots = ec.kv_mem // bpp
@@ -43,11 +48,13 @@ def build_kv_stack(
         slots = min(ec.max_running * per_seq, max(DEFAULT_L1_CAP // bpp, per_seq))
     if slots < 1:
         raise KvscopeError(f"--kv-mem too small: one KV page needs {bpp} bytes")
-    pool = KVPool(cfg.num_layers, slots, ps, cfg.plane_widths(), dtype, device)
+    pool = KVPool(n_layers, slots, ps, cfg.plane_widths(), dtype, device)
     disk = None
     if ec.kv_disk is not None:
         fp = model_fingerprint(model_dir, dtype, ps)
-        disk = DiskSpec(ec.kv_disk, ec.kv_disk_size, fp, (0, cfg.num_layers))
+        if n_layers != cfg.num_layers:  # pages with MTP rows are another format
+            fp += f"+kv{n_layers}"
+        disk = DiskSpec(ec.kv_disk, ec.kv_disk_size, fp, (0, n_layers))
     t = build_tier_stack(
         pool,
         device,
@@ -63,5 +70,6 @@ def build_kv_stack(
         max_batch_tokens=ec.max_batch_tokens,
         max_running=ec.max_running,
         preempt=ec.preempt,
+        mtp_lookahead=mtp_lookahead,
     )
     return KVStack(t.pool, t.alloc, t.tree, t.copier, t.host, t.disk, t.tiers, sched)

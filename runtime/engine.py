@@ -74,7 +74,15 @@ class Engine:
             self.dtype,
             self.device,
         )
-        self.model = build_model(self.model_config, ckpt, self.dtype, self.device, self.weight_plan)
+        self.draft_tokens = self._draft_tokens(c)
+        self.model = build_model(
+            self.model_config,
+            ckpt,
+            self.dtype,
+            self.device,
+            self.weight_plan,
+            mtp=self.draft_tokens > 0,
+        )
         has_tok = (self.model_dir / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer(self.model_dir) if has_tok else None
         self.eos_ids = eos_ids(self.model_config, self.model_dir, self.tokenizer)
@@ -87,6 +95,8 @@ class Engine:
             self.dtype,
             self.device,
             copy_hooks or self.monitor.faults.copy_hooks(),
+            kv_layers=self.model.kv_layers,
+            mtp_lookahead=max(1, self.draft_tokens) if self.draft_tokens else 0,
         )
         self.pool, self.sched = self.kv.pool, self.kv.sched
         kv = self.kv
@@ -100,6 +110,13 @@ class Engine:
         # injector first, so its late writes land before the monitor re-hashes and invalidates.
         self.hooks = (self.monitor.faults, self.monitor)
         self.runner = self._runner(c)
+        self.drafter = None
+        if self.draft_tokens:
+            from runtime.speculative import Drafter
+
+            self.drafter = Drafter(
+                self.model, self.pool, c.page_size, self.draft_tokens, self.runner.kernels
+            )
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}
         self._active: dict[str, Request] = {}  # submitted, not finished
@@ -118,6 +135,26 @@ class Engine:
         )
         self._last_snapshot = None
         self._idle_steps = 0
+        # the verify step's tags of the tokens it streams: request -> "accepted" per accepted
+        # draft, then "target"; and how many drafts it rejected
+        self._spec_tags: dict[str, list[str]] = {}
+        self._spec_rejected: dict[str, int] = {}
+
+    def _draft_tokens(self, c: EngineConfig) -> int:
+        """Draft tokens per step: --speculative N, or auto (on with an MTP layer)."""
+        from runtime.speculative import DEFAULT_DRAFT_TOKENS
+
+        has_mtp = self.model_config.num_nextn_predict_layers > 0
+        if c.speculative is None:
+            return DEFAULT_DRAFT_TOKENS if has_mtp else 0
+        if c.speculative < 0:
+            raise KvscopeError(f"--speculative {c.speculative}: give a number of draft tokens >= 0")
+        if c.speculative and not has_mtp:
+            raise KvscopeError(
+                f"--speculative {c.speculative}: {self.model_dir} has no MTP layers "
+                "(num_nextn_predict_layers is 0); use --speculative 0"
+            )
+        return c.speculative
 
     # ---------------------------------------------------------------- requests
     def encode_prompt(self, prompt=None, messages=None, prompt_ids=None) -> list[int]:
@@ -208,6 +245,8 @@ class Engine:
     def _finish(self, req: Request, reason: str, status: str = "finished") -> TokenEvent:
         req.status, req.finish_reason, req.finished_at = status, reason, time.monotonic()
         self._active.pop(req.request_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(req.request_id)
         req.pages = []
         tail = req.text[req.emitted_chars :]
         req.emitted_chars = len(req.text)
@@ -233,11 +272,15 @@ class Engine:
             checks = StepChecks(pages={w.request_id: w.page_table for w in batch.seqs})
             for h in self.hooks:
                 h.before_forward(batch, checks)
-            logits = self._forward(self._build_batch(batch.seqs))  # forward
+            fb = self._build_batch(batch.seqs)
+            logits, hidden = self._forward(fb)  # forward
             for h in self.hooks:  # verify the step's reads
                 h.after_forward(batch, checks)
             sampled, shadows = self._sample(batch, logits, checks)  # sample
+            drafts = self._draft(batch, fb, hidden, sampled, checks)  # the next step's drafts
             outs = self.sched.commit(batch, sampled, discard=checks.bad)  # commit
+            for rid, d in drafts.items():
+                self.sched.set_drafts(rid, d)
             victims = [rid for h in self.hooks for rid in h.after_commit(batch, checks)]
             self._note_recoveries(checks)
             for out in outs:  # stream
@@ -246,15 +289,27 @@ class Engine:
                     verdict = self.monitor.verdict(
                         req.request_id, checks, shadows.get(req.request_id)
                     )
+                    verdict = self._tag_draft(req.request_id, verdict)
                     events.append(self._emit(req, out.token_id, out.finish_reason, verdict))
             for victim in victims:  # an injected timeout
                 if victim in self._active:
                     events += self.abort(victim, "timeout")
+            self._spec_tags.clear()
+            self._spec_rejected.clear()
             for h in self.hooks:
                 h.end_step()
             self._mirror_scheduler(batch)
             self._note_rate(batch, time.perf_counter() - t0)
             return events
+
+    def _tag_draft(self, rid: str, verdict: TokenVerdict) -> TokenVerdict:
+        """Mark a token of a verify step: an accepted draft, or the target's own token."""
+        tags = self._spec_tags.get(rid)
+        if not tags:
+            return verdict
+        tag = tags.pop(0)
+        rejected = self._spec_rejected.get(rid, 0) if tag == "target" else 0
+        return replace(verdict, draft=tag, rejected=rejected)
 
     def _settle_unscheduled(self, batch) -> list[TokenEvent]:
         """Requests the scheduler ended (timeouts) or preempted this step."""
@@ -325,9 +380,32 @@ class Engine:
         """The compiled CPU decode steps (runtime/models/cpu_graph.py), or None."""
         return self.runner.cpu_graph
 
-    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Last-token logits [B, V] through the model runner."""
-        return self.runner.forward(fb)
+    def _forward(self, fb: ForwardBatch):
+        """(logits [R, V] of each sequence's last token, or of its verified drafts too; the
+        final-norm hidden states [T, D] when an MTP layer drafts, else None)."""
+        if self.drafter is None:
+            return self.runner.forward(fb), None
+        return self.runner.forward(fb, keep_hidden=True)
+
+    def _draft(self, batch, fb, hidden, sampled, checks) -> dict[str, list[int]]:
+        """The MTP layer's pass after sampling (runtime/speculative.py): its rows for the
+        positions now final, and the drafts each sequence verifies next step."""
+        if self.drafter is None:
+            return {}
+        after = {}
+        for w in batch.seqs:
+            rid = w.request_id
+            if rid in checks.bad or rid not in self._active:
+                continue
+            if w.sample:
+                if rid not in sampled:
+                    continue
+                got = sampled[rid]
+                new = [got] if isinstance(got, int) else list(got)
+                after[rid] = self._active[rid].tokens + new
+            else:
+                after[rid] = self._active[rid].tokens
+        return self.drafter.extend(batch, fb, hidden, after, self._active)
 
     def _check_stall(self, batch) -> list[TokenEvent]:
         """Never spin forever: if nothing can run, nothing is in flight and nothing will land,
@@ -348,16 +426,37 @@ class Engine:
         """Sample every finished sequence whose reads passed validation; the hooks may check a
         sampled token (shadow recompute) and discard the step if they distrust it."""
         sampled, shadows = {}, {}
-        for i, w in enumerate(batch.seqs):
+        row = 0
+        for w in batch.seqs:
             rid = w.request_id
             req = self._active[rid]
+            rows = logits[row : row + 1 + w.n_draft]  # the last token, then one per draft
+            row += 1 + w.n_draft
             req.status = "decode" if w.sample else "prefill"
             if not w.sample or rid in checks.bad:
                 continue
             state = req.generator.get_state()
-            sampled[rid] = sample(logits[i], req.params, req.generator)
+            ctx = req.tokens[: w.stop - w.n_draft]
+            if w.n_draft:  # verify the drafts: accepted ones, then the target's token
+                from runtime.speculative import accept
+
+                drafts = list(w.token_ids[len(w.token_ids) - w.n_draft :])
+                probs = self.drafter.draft_probs.get(rid)
+                got = accept(rows, drafts, probs, req.params, req.generator)
+                sampled[rid] = got
+                if req.spec is None:
+                    from runtime.speculative import AcceptStats
+
+                    req.spec = AcceptStats()
+                req.spec.note(len(drafts), len(got) - 1)
+                self._spec_tags[rid] = ["accepted"] * (len(got) - 1) + ["target"]
+                self._spec_rejected[rid] = len(drafts) - len(got) + 1
+                ctx, last = ctx + got[:-1], rows[len(got) - 1]
+            else:
+                last = rows[-1]
+                sampled[rid] = sample(last, req.params, req.generator)
             for h in self.hooks:
-                shadow = h.check_sample(rid, req.tokens[: w.stop], logits[i], w.page_table, checks)
+                shadow = h.check_sample(rid, ctx, last, w.page_table, checks)
                 if shadow is not None:
                     shadows[rid] = shadow
             if rid in checks.bad:  # distrusted: never emitted
@@ -383,15 +482,26 @@ class Engine:
         ps = self.config.page_size
         for w in seqs:
             ctx_rows = token_rows(w.page_table, 0, w.stop, ps)
+            start = w.start
+            if w.lead_token >= 0:  # recomputed for its hidden state only: not stored
+                start -= 1
+                ids.append(w.lead_token)
+                rows.append(torch.tensor([-1]))
             ids += w.token_ids
-            pos += range(w.start, w.stop)
+            pos += range(start, w.stop)
             rows.append(ctx_rows[w.start :])
             chunks.append(
                 SeqChunk(
-                    w.start, w.stop, off, ctx_rows.to(self.device), w.request_id, list(w.page_table)
+                    start,
+                    w.stop,
+                    off,
+                    ctx_rows.to(self.device),
+                    w.request_id,
+                    list(w.page_table),
+                    n_logits=1 + w.n_draft,
                 )
             )
-            off += w.stop - w.start
+            off += w.stop - start
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(pos, dtype=torch.long, device=self.device),

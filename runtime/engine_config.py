@@ -40,6 +40,9 @@ class EngineConfig:
     expert_cpu_compute: bool = False  # cold experts on the CPU when cheaper than the copy
     # Decode steps on CPU through AOTInductor-compiled buckets (runtime/models/cpu_graph.py)
     cpu_graph: str = "auto"  # auto (compile in the background, eager until ready) | off
+    # Speculative decoding with the checkpoint's MTP layer (runtime/speculative.py): draft
+    # tokens per step; None = auto (on when the checkpoint has MTP layers), 0 = off.
+    speculative: int | None = None
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -36,6 +36,7 @@ class Request:
     verdict: str = "ok"
     violations: list[str] = field(default_factory=list)
     checked_tokens: int = 0
+    spec: object = None  # runtime.speculative.AcceptStats while drafts are verified
 
     @property
     def tokens(self) -> list[int]:

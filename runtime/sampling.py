@@ -37,20 +37,26 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """logits [V] fp32 -> token id."""
-    if p.temperature == 0:
-        return int(logits.argmax())
-    x = logits.float() / p.temperature
+def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [N, V] -> the distributions [N, V] (fp32, CPU) that sampling draws from:
+    temperature, then top-k, then top-p (temperature > 0)."""
+    x = logits.float().cpu() / p.temperature
     if p.top_k > 0:
-        kth = torch.topk(x, min(p.top_k, x.shape[-1])).values[-1]
+        kth = torch.topk(x, min(p.top_k, x.shape[-1]), dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
         probs = sorted_x.softmax(-1)
         cum = probs.cumsum(-1)
         drop = cum - probs > p.top_p  # keep the smallest prefix reaching top_p
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
-    probs = x.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    return x.softmax(-1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """logits [V] fp32 -> token id."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    probs = probabilities(logits[None], p)[0]
+    return int(torch.multinomial(probs, 1, generator=gen))

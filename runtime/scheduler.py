@@ -41,10 +41,15 @@ class SeqWork(NamedTuple):
 
     request_id: str
     start: int  # first new position
-    token_ids: tuple[int, ...]  # tokens at positions start .. stop-1
+    token_ids: tuple[int, ...]  # tokens at positions start .. stop-1 (the drafts last)
     page_table: tuple[int, ...]  # L1 slots; page i holds positions [i*P, (i+1)*P), up to stop
+    # (and up to stop + the MTP lookahead: the draft layer's rows, runtime/speculative.py)
     epochs: tuple[int, ...]  # epoch of each page_table slot, captured now (invariant 3)
     sample: bool  # the last position's logits give the sequence's next token
+    n_draft: int = 0  # trailing token_ids that are speculative drafts, verified by this step
+    # With an MTP layer: the token at start - 1, recomputed (not stored: its rows are in the
+    # cache) for its hidden state, the draft layer's input at `start`; -1 when not needed.
+    lead_token: int = -1
 
     @property
     def stop(self) -> int:
@@ -86,6 +91,10 @@ class SeqState:
     preemptions: int = 0
     order: int = 0  # admission order (newest is preempted first)
     prefetched: bool = False  # L3 reads were started for this admission
+    # Speculative decoding (runtime/speculative.py): the draft tokens to verify next step, and
+    # the MTP layer's valid rows [0, mtp_rows) (row q needs the main hidden state at q - 1).
+    drafts: tuple[int, ...] = ()
+    mtp_rows: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -100,7 +109,11 @@ class Scheduler:
         max_running: int = 32,
         preempt: str = "recompute",
         clock: Callable[[], float] = time.monotonic,
+        mtp_lookahead: int = 0,
     ) -> None:
+        """``mtp_lookahead``: 0 without an MTP draft layer; else the rows past a step's last
+        position its draft layer writes (max(1, draft length)): their pages are allocated and
+        registered as written by the step too."""
         assert preempt in ("recompute", "swap") and max_batch_tokens > 0 and max_running > 0
         self.tiers = tiers
         self.alloc = tiers.alloc
@@ -109,6 +122,7 @@ class Scheduler:
         self.max_running = max_running
         self.preempt_mode = preempt
         self.clock = clock
+        self.mtp_lookahead = mtp_lookahead
         self._seqs: dict[str, SeqState] = {}
         self._waiting: deque[SeqState] = deque()
         self._running: list[SeqState] = []
@@ -181,7 +195,10 @@ class Scheduler:
             if seq.status != "running":  # preempted by an older sequence this step
                 continue
             n = min(len(seq.tokens) - seq.computed, budget)
-            if self._ensure_pages(seq, seq.computed + n, work, preempted):
+            if n == 1:  # decoding: verify the drafts too, within the budget and the length
+                left = seq.max_new_tokens - len(seq.output) - 1
+                n += max(0, min(len(seq.drafts), budget - 1, left))
+            if self._ensure_pages(seq, self._rows_upto(seq, n), work, preempted):
                 work.append((seq, n))
                 budget -= n
         blocked = bool(preempted)  # no admission in a step that had to preempt
@@ -198,16 +215,25 @@ class Scheduler:
         seqs = tuple(self._work_item(seq, n, writer) for seq, n in work)
         return ScheduledBatch(n_step, writer, seqs, tuple(preempted), tuple(ended))
 
+    def set_drafts(self, request_id: str, drafts: Sequence[int]) -> None:
+        """The MTP layer's draft tokens for the sequence's next step (runtime/speculative.py)."""
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status == "running":
+            seq.drafts = tuple(drafts)
+
     def commit(
         self,
         batch: ScheduledBatch,
-        sampled: Mapping[str, int],
+        sampled: Mapping[str, int | Sequence[int]],
         discard: Iterable[str] = (),
     ) -> list[StepOutput]:
         """Apply a computed batch: ack its writes, verify its loads, advance, append tokens.
 
         `sampled[request_id]` is the token of every sequence with `sample` set (ignored for
-        requests aborted since `step`). Returns one StepOutput per new token.
+        requests aborted since `step`); for a sequence that verified drafts, the list of its
+        accepted drafts then the token sampled after them: only the accepted positions
+        advance, the rejected drafts' rows lie past `computed` (dead: never read before a later
+        step rewrites them; never committed to a tier). Returns one StepOutput per new token.
         `discard`: sequences whose computation this step read untrustworthy KV (integrity): their
         positions do not advance, nothing is appended, and they are preempted to recompute.
         """
@@ -226,28 +252,51 @@ class Scheduler:
                 self._preempt(seq)
                 continue
             assert seq.computed == w.start
-            seq.computed = w.stop
-            full = [(i, seq.pages[i]) for i in range(w.start // ps, w.stop // ps)]
+            seq.drafts = ()
+            got = sampled[seq.request_id] if w.sample else ()
+            tokens = [got] if isinstance(got, int) else list(got)
+            assert len(tokens) <= w.n_draft + 1 and (tokens or not w.sample)
+            reason, emitted = None, []
+            for token in tokens:  # accepted drafts, then the sampled token
+                seq.output.append(token)
+                emitted.append(token)
+                if token in seq.stop_ids:
+                    reason = "stop"
+                elif len(seq.output) >= seq.max_new_tokens:
+                    reason = "length"
+                if reason is not None:
+                    break
+            # rows of the step's first token and of the accepted drafts are valid
+            end = min(w.stop - w.n_draft + max(0, len(tokens) - 1), len(seq.tokens))
+            seq.computed = end
+            if self.mtp_lookahead:  # the engine's draft pass wrote MTP rows up to `end`
+                seq.mtp_rows = end + 1
+            full = [(i, seq.pages[i]) for i in range(w.start // ps, end // ps)]
             self.tiers.commit_pages(seq.request_id, seq.tokens, full)
-            if w.stop % ps:
-                self.alloc.set_tokens(seq.pages[w.stop // ps], w.stop % ps)
-            if not w.sample:
-                continue
-            token = sampled[seq.request_id]
-            seq.output.append(token)
-            reason = None
-            if token in seq.stop_ids:
-                reason = "stop"
-            elif len(seq.output) >= seq.max_new_tokens:
-                reason = "length"
+            if end % ps:
+                self.alloc.set_tokens(seq.pages[end // ps], end % ps)
             if reason is not None:
                 self._finish(seq, reason)
-            out.append(StepOutput(seq.request_id, token, reason is not None, reason))
+            for i, token in enumerate(emitted):
+                last = i == len(emitted) - 1
+                out.append(
+                    StepOutput(
+                        seq.request_id, token, last and reason is not None, reason if last else None
+                    )
+                )
         return out
 
     # ---- internals ----------------------------------------------------------------------------
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
+
+    def _rows_upto(self, seq: SeqState, n: int) -> int:
+        """Positions the step computing `n` new tokens of `seq` writes: its tokens, then the
+        MTP lookahead, never past the request's last possible position."""
+        stop = seq.computed + n
+        if not self.mtp_lookahead:
+            return stop
+        return max(stop, min(stop + self.mtp_lookahead, len(seq.prompt) + seq.max_new_tokens))
 
     def _admit(self, seq: SeqState) -> str:
         """'ok' (running now), 'wait' (its L3 pages are arriving) or 'full' (no room)."""
@@ -268,6 +317,7 @@ class Scheduler:
         self.tiers.confirm(hit)
         seq.pages = hit.slots + slots
         seq.computed = len(hit.slots) * ps
+        seq.mtp_rows, seq.drafts = seq.computed, ()  # a prefix's MTP rows are valid
         if seq.cached is None:
             seq.cached = {tier: pages * ps for tier, pages in hit.by_tier.items()}
         seq.status, seq.order = "running", next(self._orders)
@@ -306,7 +356,7 @@ class Scheduler:
             self.tiers.backup(seq.pages)
         self.tiers.release(seq.request_id)
         seq.pages, seq.computed, seq.status = [], 0, "waiting"
-        seq.prefetched = False
+        seq.prefetched, seq.drafts, seq.mtp_rows = False, (), 0
         seq.preemptions += 1
         self.preemptions += 1
         self._running.remove(seq)
@@ -336,19 +386,24 @@ class Scheduler:
             self.tiers.unref(rid, keep)
             seq.pages = seq.pages[:first]
             seq.computed = min(seq.computed, first * self.page_size)
+            seq.mtp_rows, seq.drafts = min(seq.mtp_rows, seq.computed), ()
             rolled.add(rid)
         return rolled
 
     def _work_item(self, seq: SeqState, n: int, writer: str) -> SeqWork:
         start, ps = seq.computed, self.page_size
-        stop = start + n
-        table = tuple(seq.pages[: self._pages_for(stop)])
+        known = min(n, len(seq.tokens) - start)  # the rest are drafts
+        table = tuple(seq.pages[: self._pages_for(self._rows_upto(seq, n))])
         for slot in table[start // ps :]:
             self.alloc.begin_write(slot, writer)
             self._writes.setdefault(writer, []).append(slot)
         epochs = tuple(self.alloc.epoch_of(s) for s in table)
-        tokens = tuple(seq.tokens[start:stop])
-        return SeqWork(seq.request_id, start, tokens, table, epochs, stop == len(seq.tokens))
+        tokens = tuple(seq.tokens[start : start + known]) + seq.drafts[: n - known]
+        lead = -1
+        if self.mtp_lookahead and 0 < start and seq.mtp_rows <= start:
+            lead = seq.tokens[start - 1]  # MTP row `start` needs the hidden state at start - 1
+        sample = start + known == len(seq.tokens)
+        return SeqWork(seq.request_id, start, tokens, table, epochs, sample, n - known, lead)
 
     # ---- invariants -----------------------------------------------------------------------------
     def check_invariants(self) -> None:

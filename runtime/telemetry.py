@@ -50,6 +50,10 @@ class RequestInfo:
     ttft_s: float | None
     tok_per_s: float | None
     verdict: str  # one of VERDICTS, worst so far
+    # Speculative decoding: mean tokens per verify step and share of drafts accepted (None
+    # when the request verified no drafts).
+    accept_length: float | None = None
+    accept_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,11 @@ class TokenVerdict:
     fences_ok: bool = True
     checksums_verified: int = 0  # page planes whose checksum was verified for this token
     shadow: tuple[bool, float] | None = None  # (top-1 agrees, max |delta logit|) when sampled
+    # Speculative decoding (runtime/speculative.py): "" without it; "accepted" for an MTP draft
+    # the target model accepted; "target" for the target's own token of a verify step, after
+    # `rejected` drafts it rejected (0 when every draft was accepted: the bonus token).
+    draft: str = ""
+    rejected: int = 0
 
 
 @dataclass(frozen=True)

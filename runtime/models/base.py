@@ -128,7 +128,17 @@ class DecoderLayer:
 class CausalLM:
     """Forward over a ForwardBatch; KV planes live in a KVPool. Subclasses build `attn`."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, device, plan=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ckpt: Checkpoint,
+        dtype: torch.dtype,
+        device,
+        plan=None,
+        mtp: bool = False,
+    ):
+        """``mtp``: also load the checkpoint's first multi-token-prediction layer (the
+        speculative draft, runtime/models/mtp.py) when it has one."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         w = WeightReader(ckpt, dtype, self.device, plan)  # plan: runtime/weights/placement.py
         d, v = cfg.hidden_size, cfg.vocab_size
@@ -156,6 +166,12 @@ class CausalLM:
                     mlp=mlp,
                 )
             )
+        # The MTP draft layer (index num_layers), its KV planes at pool layer num_layers.
+        self.mtp: list = []
+        if mtp and cfg.num_nextn_predict_layers > 0:
+            from runtime.models.mtp import load_mtp_layer
+
+            self.mtp.append(load_mtp_layer(self, w, ckpt, cfg.num_layers))
         extra = [k for k in ckpt.keys() if k.startswith("model.layers.")]
         unknown_layer = [
             k
@@ -171,22 +187,47 @@ class CausalLM:
     def load_attention(self, w: WeightReader, layer: int, prefix: str):
         raise NotImplementedError
 
-    def run(self, input_ids: torch.Tensor, step) -> torch.Tensor:
+    @property
+    def kv_layers(self) -> int:
+        """Layers with KV planes in the pool: the main layers, then the MTP layer if loaded."""
+        return self.cfg.num_layers + len(self.mtp)
+
+    def run(self, input_ids: torch.Tensor, step, keep_hidden: bool = False):
         """The one forward of the model: embedding -> layers -> norm -> LM head, through a step
         backend (runtime/models/steps.py) that supplies the ops and the KV access. input_ids
-        [T]; returns fp32 logits [R, V] of the rows ``step.last_rows`` keeps."""
+        [T]; returns fp32 logits [R, V] of the rows ``step.last_rows`` keeps, and with
+        ``keep_hidden`` also every row's final-norm hidden state [T, D] (the MTP's input)."""
         eps = self.cfg.rms_norm_eps
         h = F.embedding(input_ids, self.embed)  # [T, D]
+        h, residual = self.run_layers(h, step, self.layers, 0)
+        if keep_hidden:
+            hn, _ = step.add_norm(h, residual, self.norm, eps)
+            return linear(step.last_rows(hn), self.lm_head).float(), hn
+        h, residual = step.last_rows(h), step.last_rows(residual)
+        h, _ = step.add_norm(h, residual, self.norm, eps)
+        return linear(h, self.lm_head).float()
+
+    def run_layers(self, h: torch.Tensor, step, layers, first: int):
+        """Decoder layers ``layers`` (pool layers first, first + 1, ...) over h [T, D]; returns
+        (h, residual): the last layer's output and the residual stream before it is added."""
+        eps = self.cfg.rms_norm_eps
         state: dict = {}  # carried across layers: the last full layer's DSA selection
         residual = None
-        for li, layer in enumerate(self.layers):
+        for li, layer in enumerate(layers, start=first):
             x, residual = step.add_norm(h, residual, layer.input_norm, eps)
             h = layer.attn.forward(x, step, li, state)
             x, residual = step.add_norm(h, residual, layer.post_norm, eps)
             h = layer.mlp(x, step)
-        h, residual = step.last_rows(h), step.last_rows(residual)
-        h, _ = step.add_norm(h, residual, self.norm, eps)
-        return linear(h, self.lm_head).float()
+        return h, residual
+
+    def step_backend(self, batch: ForwardBatch, pool: KVPool, all_logits: bool, kernels):
+        """The eager step backend: Triton kernels (``kernels``; None asks kernels.backend) or
+        plain torch."""
+        if kernels is None:
+            kernels = use_triton(self.device)
+        if kernels:
+            return KernelStep.for_batch(self, batch, pool, all_logits)
+        return EagerStep(self, batch, pool, all_logits)
 
     @torch.inference_mode()
     def forward(
@@ -195,18 +236,24 @@ class CausalLM:
         pool: KVPool,
         all_logits: bool = False,
         kernels: bool | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, V] for each sequence's last new token ([T, V] if all_logits), eagerly:
-        through the Triton kernels (``kernels``; None asks kernels.backend: CUDA, or CPU with
+        keep_hidden: bool = False,
+    ):
+        """Logits [R, V] of each sequence's last ``n_logits`` new tokens ([T, V] if all_logits;
+        with ``keep_hidden`` a pair (logits, final-norm hidden [T, D])), eagerly: through the
+        Triton kernels (``kernels``; None asks kernels.backend: CUDA, or CPU with
         KVSCOPE_TRITON_INTERPRET=1) or plain torch. Graph replays and compiled steps are the
         model runner's (runtime/models/runner.py)."""
-        if kernels is None:
-            kernels = use_triton(self.device)
-        if kernels:
-            step = KernelStep.for_batch(self, batch, pool, all_logits)
-        else:
-            step = EagerStep(self, batch, pool, all_logits)
-        return self.run(batch.input_ids.to(self.device), step)
+        step = self.step_backend(batch, pool, all_logits, kernels)
+        return self.run(batch.input_ids.to(self.device), step, keep_hidden)
+
+    @torch.inference_mode()
+    def draft(self, batch: ForwardBatch, pool: KVPool, prev_hidden, kernels: bool | None = None):
+        """The MTP layer over a batch (runtime/models/mtp.py): (logits [R, V] of the kept rows,
+        the layer's outputs [T, D])."""
+        from runtime.models.mtp import mtp_forward
+
+        step = self.step_backend(batch, pool, False, kernels)
+        return mtp_forward(self, self.mtp[0], batch.input_ids.to(self.device), prev_hidden, step)
 
 
 _MODEL_MODULES = (

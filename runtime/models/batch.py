@@ -24,6 +24,9 @@ class SeqChunk:
     # The sequence's page slots (at least cdiv(end, page_size)); None: derived from ctx_rows
     # (slot = ctx_rows[::page_size] // page_size). Only the kernel path reads it.
     pages: list[int] | None = None
+    # Trailing new tokens whose logits the step returns: 1 (the last token), or 1 + k when the
+    # sequence verifies k speculative draft tokens (runtime/speculative.py).
+    n_logits: int = 1
 
     @property
     def n(self) -> int:
@@ -34,7 +37,9 @@ class SeqChunk:
 class ForwardBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    new_rows: torch.Tensor  # [T] flat pool rows where the new tokens' planes are stored
+    # [T] flat pool rows where the new tokens' planes are stored; -1: computed, not stored (a
+    # position recomputed only for its hidden state, whose rows are already in the cache)
+    new_rows: torch.Tensor
     seqs: list[SeqChunk]
     # Hooks the integrity layer installs: called before a plane of a layer is read for a
     # sequence (fence wait + epoch/owner validation). Signature: (layer, plane, seq_index).
@@ -46,8 +51,19 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
     def last_token_index(self) -> torch.Tensor:
-        """[B] flat index of each sequence's last new token (whose logits are sampled)."""
-        return torch.tensor([s.offset + s.n - 1 for s in self.seqs], dtype=torch.long)
+        """[R] flat index of each sequence's last ``n_logits`` new tokens (whose logits are
+        sampled or verified), sequence by sequence: R = B unless drafts are verified."""
+        idx = [s.offset + s.n - j for s in self.seqs for j in range(s.n_logits, 0, -1)]
+        return torch.tensor(idx, dtype=torch.long)
+
+    @property
+    def plain(self) -> bool:
+        """One logits row per sequence and every new token stored: what graphs serve."""
+        return all(s.n_logits == 1 for s in self.seqs) and not self.has_unstored
+
+    @property
+    def has_unstored(self) -> bool:
+        return bool(self.new_rows.numel()) and bool((self.new_rows < 0).any())
 
     def kernel_meta(self, page_size: int, device: torch.device) -> KernelMeta:
         """The index tensors the Triton kernel path reads (built once per batch)."""

@@ -111,7 +111,8 @@ class GlmMoeDsaForCausalLM(CausalLM):
         nd, vd = cfg.qk_nope_head_dim, cfg.v_head_dim
         kv_b = w(f"{prefix}.kv_b_proj.weight", (h * (nd + vd), kl)).view(h, nd + vd, kl)
         indexer = None
-        if cfg.indexer_types[layer] == "full":
+        # The MTP layer (index >= num_layers) has a full indexer of its own.
+        if layer >= cfg.num_layers or cfg.indexer_types[layer] == "full":
             hi, di = cfg.index_n_heads, cfg.index_head_dim
             ip = f"{prefix}.indexer"
             indexer = Indexer(

@@ -12,8 +12,6 @@ forward (``CausalLM.run``) over a different step backend, so the tokens are the 
 
 from __future__ import annotations
 
-import torch
-
 from kernels.backend import use_triton
 from runtime.errors import KvscopeError
 from runtime.kv.pool import KVPool
@@ -43,15 +41,16 @@ class ModelRunner:
                 g = CpuDecodeGraph(model, pool, model_key)
                 self.cpu_graph = g if g.enabled else None
 
-    def forward(self, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
-        """Logits [B, V] of each sequence's last new token ([T, V] with all_logits)."""
-        if not all_logits:
+    def forward(self, batch: ForwardBatch, all_logits: bool = False, keep_hidden: bool = False):
+        """Logits [R, V] of each sequence's last ``n_logits`` new tokens ([T, V] with
+        all_logits); with ``keep_hidden`` the pair (logits, final-norm hidden [T, D])."""
+        if not all_logits and not keep_hidden and batch.plain:
             for graphs in (self.cuda_graphs, self.cpu_graph):
                 if graphs is not None:
                     logits = graphs.run(batch, self.pool)
                     if logits is not None:
                         return logits
-        return self.model.forward(batch, self.pool, all_logits, kernels=self.kernels)
+        return self.model.forward(batch, self.pool, all_logits, self.kernels, keep_hidden)
 
     def describe(self) -> str:
         """How decode steps run (the model info panel): eager, CUDA graphs, or compiled CPU

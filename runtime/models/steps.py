@@ -46,6 +46,7 @@ class TorchOps:
     """Norms and RoPE in plain torch at the given positions (cos/sin [T, R/2])."""
 
     def __init__(self, rope: RotaryTables, positions: torch.Tensor, dtype: torch.dtype):
+        self.positions = positions  # [T]
         self.cos_sin = rope.cos_sin(positions, dtype)
 
     def norm(self, x, w, eps):
@@ -70,9 +71,17 @@ class EagerStep(TorchOps):
         super().__init__(model.rope, batch.positions.to(dev), model.dtype)
         self.batch, self.pool = batch, pool
         self.last = None if all_logits else batch.last_token_index().to(dev)
+        self._stored = None  # (kept token indices, their rows) when some rows are not stored
+        if batch.has_unstored:
+            keep = (batch.new_rows >= 0).nonzero().flatten()
+            self._stored = (keep.to(dev), batch.new_rows[keep])
 
     def store(self, layer, plane, rows):
-        self.pool.store(layer, plane, self.batch.new_rows, rows)
+        if self._stored is None:
+            self.pool.store(layer, plane, self.batch.new_rows, rows)
+        else:
+            keep, at = self._stored
+            self.pool.store(layer, plane, at, rows[keep])
 
     def _context(self, layer: int, plane: str, si: int) -> torch.Tensor:
         """Sequence si's rows [c, *tail] of a plane, after its before_read hooks."""
@@ -169,6 +178,7 @@ class KernelStep:
         reads,
         last_idx: torch.Tensor | None,
     ):
+        self.positions = positions  # [T]
         cos, sin = model.rope.cos_sin(positions, model.dtype)  # [T, R/2]
         self.cos, self.sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
         self.km, self.pool, self.reads, self.last = km, pool, reads, last_idx
