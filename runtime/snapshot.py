@@ -58,6 +58,8 @@ def _requests(engine) -> tuple[RequestInfo, ...]:
                 ttft_s=req.ttft_s(),
                 tok_per_s=req.tok_per_s(),
                 verdict=req.verdict,
+                accept_length=req.spec.accept_length if req.spec else None,
+                accept_rate=req.spec.accept_rate if req.spec else None,
             )
         )
     return tuple(out)

@@ -21,6 +21,13 @@ class IntegrityConfig:
     # sampled shadows are skipped while they have taken more than this share of the engine's
     # step time (None: no cap). shadow_rate 1.0 (every token) is never capped.
     shadow_budget: float | None = 0.03
+    # The speculative acceptance detector (runtime/integrity/acceptance.py): the incident's
+    # thresholds, judged over the last accept_window verify steps once a request has
+    # generated accept_after_tokens tokens.
+    accept_min_length: float = 1.4
+    accept_max_rate: float = 0.96
+    accept_after_tokens: int = 128
+    accept_window: int = 64
     faults: dict[str, float] = field(default_factory=dict)  # kind -> rate
     seed: int = 0
 

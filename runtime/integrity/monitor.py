@@ -20,12 +20,14 @@ import random
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from runtime.integrity.acceptance import acceptance_flag
 from runtime.integrity.config import IntegrityConfig
 from runtime.integrity.faults import FaultInjector
-from runtime.integrity.verdicts import apply_text_checks, token_verdict
+from runtime.integrity.verdicts import apply_text_checks, token_verdict, worst
 from runtime.kv.checksum import page_checksums
 from runtime.step_hooks import StepChecks, StepHandles, StepHooks
 from runtime.telemetry import IntegrityEvent, TokenVerdict
@@ -152,6 +154,13 @@ class IntegrityMonitor(StepHooks):
         tok = self._tokenizer
         if not hasattr(req, "_prompt_text"):
             req._prompt_text = tok.decode(req.prompt_ids) if tok is not None else ""
+        reason = acceptance_flag(req.spec, len(req.output_ids), self.cfg)
+        if reason is not None:  # the speculative acceptance detector: a kind of its own
+            if not getattr(req, "_acceptance_flagged", False):
+                req._acceptance_flagged = True
+                self.event(req.request_id, "acceptance", reason)
+            verdict = replace(verdict, reasons=(*verdict.reasons, "acceptance: " + reason))
+            verdict = replace(verdict, verdict=worst(verdict.verdict, "suspect"))
         return apply_text_checks(req, verdict, req._prompt_text)
 
     # ---- shadow recompute -----------------------------------------------------------------------
