@@ -24,6 +24,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvscope", description="Local MoE inference with a verified, tiered KV cache")
     sub = p.add_subparsers(dest="mode", required=True, parser_class=_Parser)
@@ -69,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", required=True, choices=["glm_moe_dsa", "glm4_moe"])
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--mtp",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="also write N MTP (nextn) layers in the published layout (default 0)",
+    )
     t.add_argument(
         "--preset",
         choices=["cpu-mini"],
@@ -183,13 +200,14 @@ def cmd_make_tiny(args) -> int:
     if args.preset:
         from runtime.weights.presets import write_preset
 
-        write_preset(args.out, args.preset, args.arch, seed=args.seed)
+        write_preset(args.out, args.preset, args.arch, seed=args.seed, mtp=args.mtp)
         print(f"wrote {args.preset} {args.arch} checkpoint to {args.out}")
         return 0
     from runtime.weights.tiny import write_tiny
 
-    out = write_tiny(args.out, args.arch, seed=args.seed)
-    print(f"wrote {args.arch} checkpoint to {out}")
+    out = write_tiny(args.out, args.arch, seed=args.seed, mtp=args.mtp)
+    mtp = f" with {args.mtp} MTP layer(s)" if args.mtp else ""
+    print(f"wrote {args.arch} checkpoint{mtp} to {out}")
     return 0
 
 

@@ -25,6 +25,18 @@ def tiny_glm4(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny_glm4"), "glm4_moe")
 
 
+@pytest.fixture(scope="session")
+def tiny_dsa_mtp(tmp_path_factory):
+    """tiny_dsa's main weights plus one MTP layer (index num_hidden_layers)."""
+    return write_tiny(tmp_path_factory.mktemp("tiny_dsa_mtp"), "glm_moe_dsa", mtp=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4_mtp(tmp_path_factory):
+    """tiny_glm4's main weights plus one MTP layer (index num_hidden_layers)."""
+    return write_tiny(tmp_path_factory.mktemp("tiny_glm4_mtp"), "glm4_moe", mtp=1)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache_home(tmp_path_factory, monkeypatch):
     """Tests never write into the user's cache: the demo defaults put L3 under

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from runtime.weights.bpe import write_tokenizer
-from runtime.weights.tiny import tiny_config, tiny_tensors
+from runtime.weights.tiny import _mtp_count, tiny_config, tiny_tensors
 
 _COMMON = {
     "vocab_size": 32000,
@@ -78,14 +78,16 @@ def write_preset(
     arch: str,
     seed: int = 0,
     corpus_bytes: int = 16_000_000,
+    mtp: int = 0,
     **overrides,
 ) -> dict:
     """Write config.json, model.safetensors (bf16), tokenizer.json, tokenizer_config.json and
     generation_config.json. Returns the config written. `overrides` (e.g. a smaller vocab or
-    width) serve the tests; the tokenizer is trained for the config's vocab_size."""
+    width) serve the tests; the tokenizer is trained for the config's vocab_size. `mtp`: MTP
+    layers to add (runtime/weights/tiny.py)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = preset_config(preset, arch, **overrides)
+    raw = preset_config(preset, arch, num_nextn_predict_layers=_mtp_count(mtp), **overrides)
     got = write_tokenizer(out, raw["vocab_size"], raw["max_position_embeddings"], corpus_bytes)
     if got > raw["vocab_size"]:
         raise RuntimeError(f"tokenizer has {got} tokens, more than vocab_size {raw['vocab_size']}")

@@ -20,8 +20,10 @@ from runtime.weights.tiny import write_tiny
 
 transformers = pytest.importorskip("transformers")
 
+# "base" checkpoints also carry one MTP layer: the main model must not notice it (transformers
+# ignores the extra layer index, kvscope leaves it to the MTP path).
 DSA_CONFIGS = {
-    "base": {},
+    "base": dict(mtp=1),
     "odd-groups": dict(
         hidden_size=56,
         num_attention_heads=5,
@@ -55,7 +57,7 @@ DSA_CONFIGS = {
     ),
 }
 GLM4_CONFIGS = {
-    "base": {},
+    "base": dict(mtp=1),
     "plain": dict(
         use_qk_norm=False,
         attention_bias=False,
