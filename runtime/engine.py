@@ -277,8 +277,8 @@ class Engine:
             for h in self.hooks:  # verify the step's reads
                 h.after_forward(batch, checks)
             sampled, shadows = self._sample(batch, logits, checks)  # sample
-            drafts = self._draft(batch, fb, hidden, sampled, checks)  # the next step's drafts
-            outs = self.sched.commit(batch, sampled, discard=checks.bad)  # commit
+            drafts, mtp_rows = self._draft(batch, fb, hidden, sampled, checks)  # next drafts
+            outs = self.sched.commit(batch, sampled, checks.bad, mtp_rows)  # commit
             for rid, d in drafts.items():
                 self.sched.set_drafts(rid, d)
             victims = [rid for h in self.hooks for rid in h.after_commit(batch, checks)]
@@ -387,11 +387,12 @@ class Engine:
             return self.runner.forward(fb), None
         return self.runner.forward(fb, keep_hidden=True)
 
-    def _draft(self, batch, fb, hidden, sampled, checks) -> dict[str, list[int]]:
+    def _draft(self, batch, fb, hidden, sampled, checks):
         """The MTP layer's pass after sampling (runtime/speculative.py): its rows for the
-        positions now final, and the drafts each sequence verifies next step."""
+        positions now final, and the drafts each sequence verifies next step. Returns
+        ({rid: drafts}, {rid: MTP rows valid})."""
         if self.drafter is None:
-            return {}
+            return {}, {}
         after = {}
         for w in batch.seqs:
             rid = w.request_id

@@ -226,6 +226,7 @@ class Scheduler:
         batch: ScheduledBatch,
         sampled: Mapping[str, int | Sequence[int]],
         discard: Iterable[str] = (),
+        mtp_rows: Mapping[str, int] | None = None,
     ) -> list[StepOutput]:
         """Apply a computed batch: ack its writes, verify its loads, advance, append tokens.
 
@@ -233,7 +234,9 @@ class Scheduler:
         requests aborted since `step`); for a sequence that verified drafts, the list of its
         accepted drafts then the token sampled after them: only the accepted positions
         advance, the rejected drafts' rows lie past `computed` (dead: never read before a later
-        step rewrites them; never committed to a tier). Returns one StepOutput per new token.
+        step rewrites them; never committed to a tier). `mtp_rows[request_id]`: the MTP
+        layer's rows [0, n) valid after the step's draft pass (absent: it wrote none; rows past
+        the accepted length are dropped). Returns one StepOutput per new token.
         `discard`: sequences whose computation this step read untrustworthy KV (integrity): their
         positions do not advance, nothing is appended, and they are preempted to recompute.
         """
@@ -269,8 +272,8 @@ class Scheduler:
             # rows of the step's first token and of the accepted drafts are valid
             end = min(w.stop - w.n_draft + max(0, len(tokens) - 1), len(seq.tokens))
             seq.computed = end
-            if self.mtp_lookahead:  # the engine's draft pass wrote MTP rows up to `end`
-                seq.mtp_rows = end + 1
+            written = (mtp_rows or {}).get(seq.request_id)
+            seq.mtp_rows = min(written if written is not None else seq.mtp_rows, end + 1)
             full = [(i, seq.pages[i]) for i in range(w.start // ps, end // ps)]
             self.tiers.commit_pages(seq.request_id, seq.tokens, full)
             if end % ps:
@@ -290,10 +293,10 @@ class Scheduler:
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def _rows_upto(self, seq: SeqState, n: int) -> int:
-        """Positions the step computing `n` new tokens of `seq` writes: its tokens, then the
-        MTP lookahead, never past the request's last possible position."""
-        stop = seq.computed + n
+    def _rows_upto(self, seq: SeqState, n: int, stop: int | None = None) -> int:
+        """Positions the step computing `n` new tokens of `seq` (up to `stop`) writes: its
+        tokens, then the MTP lookahead, never past the request's last possible position."""
+        stop = seq.computed + n if stop is None else stop
         if not self.mtp_lookahead:
             return stop
         return max(stop, min(stop + self.mtp_lookahead, len(seq.prompt) + seq.max_new_tokens))
@@ -307,7 +310,7 @@ class Scheduler:
         if arriving:
             return "wait"
         hit = self.tiers.acquire(seq.request_id, tokens, max_pages)
-        need = self._pages_for(len(tokens)) - len(hit.slots)
+        need = self._pages_for(self._rows_upto(seq, 0, len(tokens))) - len(hit.slots)
         if self.alloc.num_free < need:
             self.tiers.evict_l1(need - self.alloc.num_free)
         slots = self.alloc.alloc(seq.request_id, need)

@@ -131,7 +131,8 @@ class Drafter:
         ``batch``: the ScheduledBatch; ``fb``: the main forward's batch (its rows of each
         sequence, the lead token first when there is one); ``hidden`` [T, D] its final-norm
         hidden states; ``tokens_after[rid]``: the sequence's whole token list after this step
-        (None: nothing to draft, e.g. its reads were distrusted). Returns {rid: drafts}."""
+        (None: nothing to draft, e.g. its reads were distrusted). Returns ({rid: drafts},
+        {rid: n}: the MTP rows [0, n) now valid) for Scheduler.set_drafts / commit."""
         dev = self.model.device
         items, ids, prev, pos, rows, off = [], [], [], [], [], 0
         for w, c in zip(batch.seqs, fb.seqs, strict=True):
@@ -160,7 +161,7 @@ class Drafter:
             items.append(_Extend(w.request_id, chunk, w.page_table, end))
             off += n
         if not items:
-            return {}
+            return {}, {}
         fbm = ForwardBatch(
             torch.cat(ids).to(dev),
             torch.cat(pos).to(dev),
@@ -169,7 +170,8 @@ class Drafter:
         )
         logits, out = self.model.draft(fbm, self.pool, torch.cat(prev), self.kernels)
         last = fbm.last_token_index().to(dev)
-        return self._chain(items, logits, out[last], requests)
+        rows_valid = {it.rid: it.end + 1 for it in items}
+        return self._chain(items, logits, out[last], requests), rows_valid
 
     def _chain(self, items: list[_Extend], logits, outs, requests) -> dict[str, list[int]]:
         """Draft d_1 from the extend's last rows, then d_2..d_k by reapplying the layer."""
