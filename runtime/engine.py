@@ -115,7 +115,7 @@ class Engine:
             from runtime.speculative import Drafter
 
             self.drafter = Drafter(
-                self.model, self.pool, c.page_size, self.draft_tokens, self.runner.kernels
+                self.model, self.pool, c.page_size, self.draft_tokens, self.runner
             )
         self._lock = threading.RLock()
         self._requests: dict[str, Request] = {}

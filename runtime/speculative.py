@@ -107,20 +107,23 @@ class _Extend:
     rid: str
     chunk: SeqChunk
     table: tuple[int, ...]
-    end: int  # last MTP row written (== the sequence's accepted length)
+    end: int  # last valid MTP row written (== the sequence's accepted length)
+    pick: int  # index of row `end` among the sequence's rows
 
 
 class Drafter:
     """Runs the MTP layer for an engine: the extend + chain passes after each step's sampling.
     Holds each running request's pending draft distributions (sampled decoding) and stats."""
 
-    def __init__(self, model, pool, page_size: int, draft_tokens: int, kernels: bool):
+    def __init__(self, model, pool, page_size: int, draft_tokens: int, runner):
+        """``runner``: the engine's ModelRunner (runtime/models/runner.py), which runs the MTP
+        layer through a compiled CPU step when it can, else eagerly."""
         assert model.mtp and draft_tokens >= 1
         self.model, self.pool, self.ps, self.k = model, pool, page_size, draft_tokens
-        self.kernels = kernels
+        self.runner = runner
+        runner.speculate(draft_tokens)
         self.max_pos = model.cfg.max_position_embeddings
         self.draft_probs: dict[str, torch.Tensor | None] = {}
-        self.stats: dict[str, AcceptStats] = {}
 
     def forget(self, rid: str) -> None:
         self.draft_probs.pop(rid, None)
@@ -132,7 +135,12 @@ class Drafter:
         sequence, the lead token first when there is one); ``hidden`` [T, D] its final-norm
         hidden states; ``tokens_after[rid]``: the sequence's whole token list after this step
         (None: nothing to draft, e.g. its reads were distrusted). Returns ({rid: drafts},
-        {rid: n}: the MTP rows [0, n) now valid) for Scheduler.set_drafts / commit."""
+        {rid: n}: the MTP rows [0, n) now valid) for Scheduler.set_drafts / commit.
+
+        A decode step's sequence (the last token + k drafts at m..m+k) always gets k + 1 MTP
+        rows, m+1..m+k+1, so that every such batch has one shape (compiled on CPU): the rows
+        past the accepted length m+a+1 come from rejected drafts and are dead (never read
+        before rewritten); the draft comes from row m+a+1."""
         dev = self.model.device
         items, ids, prev, pos, rows, off = [], [], [], [], [], 0
         for w, c in zip(batch.seqs, fb.seqs, strict=True):
@@ -143,23 +151,31 @@ class Drafter:
             known = len(w.token_ids) - w.n_draft
             accepted = len(toks) - (w.start + known)  # tokens appended this step
             end = w.start + known + max(0, accepted - 1)  # the accepted length
-            a0 = 0 if w.start == 0 else w.start + 1 - lead
-            if end + 1 > len(w.page_table) * self.ps:
+            cover = min(len(w.page_table) * self.ps, self.max_pos)
+            if end + 1 > cover:
                 continue  # at the request's length limit: it finishes this step
-            n = end + 1 - a0
-            q = torch.arange(a0, end + 1)
-            ids.append(torch.tensor(toks[a0 : end + 1]))
+            n = len(w.token_ids)
+            if w.sample and known == 1 and not lead and w.start + 1 + n <= cover:
+                a0, stop = w.start + 1, w.start + 1 + n  # fixed shape: k + 1 rows
+                toks = toks + list(w.token_ids[len(toks) - stop :]) if len(toks) < stop else toks
+            else:
+                a0, stop = (0 if w.start == 0 else w.start + 1 - lead), end + 1
+            q = torch.arange(a0, stop)
+            ids.append(torch.tensor(toks[a0:stop]))
             flat = c.offset + (q - 1 - c.start)  # main row of position q - 1
             h = hidden[flat.clamp_min(0).to(dev)]
             if a0 == 0:
                 h[0] = 0  # no position -1
             prev.append(h)
             pos.append(q)
-            ctx = token_rows(w.page_table, 0, end + 1, self.ps)
+            ctx = token_rows(w.page_table, 0, stop, self.ps)
             rows.append(ctx[a0:])
-            chunk = SeqChunk(a0, end + 1, off, ctx.to(dev), w.request_id, list(w.page_table))
-            items.append(_Extend(w.request_id, chunk, w.page_table, end))
-            off += n
+            nl = stop - a0 if stop > end + 1 else 1  # fixed shape: every row's logits
+            chunk = SeqChunk(
+                a0, stop, off, ctx.to(dev), w.request_id, list(w.page_table), n_logits=nl
+            )
+            items.append(_Extend(w.request_id, chunk, w.page_table, end, end - a0))
+            off += stop - a0
         if not items:
             return {}, {}
         fbm = ForwardBatch(
@@ -168,10 +184,15 @@ class Drafter:
             torch.cat(rows).to(dev),
             [it.chunk for it in items],
         )
-        logits, out = self.model.draft(fbm, self.pool, torch.cat(prev), self.kernels)
-        last = fbm.last_token_index().to(dev)
+        logits, out = self.runner.draft(fbm, torch.cat(prev))
+        picked_logits, picked_out, row = [], [], 0
+        for it in items:  # the row of position `end` of each sequence
+            c = it.chunk
+            picked_logits.append(logits[row + c.n_logits - (c.n - it.pick)])
+            picked_out.append(out[c.offset + it.pick])
+            row += c.n_logits
         rows_valid = {it.rid: it.end + 1 for it in items}
-        return self._chain(items, logits, out[last], requests), rows_valid
+        return self._chain(items, picked_logits, picked_out, requests), rows_valid
 
     def _chain(self, items: list[_Extend], logits, outs, requests) -> dict[str, list[int]]:
         """Draft d_1 from the extend's last rows, then d_2..d_k by reapplying the layer."""
@@ -204,7 +225,7 @@ class Drafter:
                 chunks,
             )
             prev = torch.stack([h for _, h in live])
-            logits, out = self.model.draft(fbc, self.pool, prev, self.kernels)
+            logits, out = self.runner.draft(fbc, prev)
             nxt = []
             for b, (it, _) in enumerate(live):
                 req = requests[it.rid]

@@ -258,6 +258,7 @@ class CausalLM:
 
 _MODEL_MODULES = (
     "runtime.models.base",
+    "runtime.models.mtp",
     "runtime.models.layers",
     "runtime.models.glm_moe_dsa",
     "runtime.models.glm4_moe",
@@ -278,7 +279,9 @@ def _plain(obj) -> bool:
     return False
 
 
-def graph_safe(model: CausalLM) -> bool:
-    """Whether a decode step of this model can be captured or compiled (plain weights)."""
+def graph_safe(model: CausalLM, mtp: bool = False) -> bool:
+    """Whether a decode step of this model (``mtp``: and of its MTP layer) can be captured or
+    compiled (plain weights)."""
     tops = (model.embed, model.norm, model.lm_head)
-    return all(isinstance(t, torch.Tensor) for t in tops) and all(_plain(ly) for ly in model.layers)
+    main = all(isinstance(t, torch.Tensor) for t in tops) and all(_plain(ly) for ly in model.layers)
+    return main and (not mtp or all(_plain(m) for m in model.mtp))

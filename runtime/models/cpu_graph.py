@@ -78,7 +78,7 @@ from runtime.compile_log import THREAD_NAME, failure_log, log_detail, quiet_torc
 from runtime.kv.pool import KVPool
 from runtime.models.base import graph_safe
 from runtime.models.batch import ForwardBatch
-from runtime.models.decode_step import decode_step, stored_layers
+from runtime.models.decode_step import decode_step, mtp_step, stored_layers, verify_step
 from runtime.models.rope import RotaryTables
 from runtime.models.steps import Reads, read_every_plane
 
@@ -154,6 +154,14 @@ def bucket_of(batch: int, max_end: int) -> tuple[int, int] | None:
     return bb, max(MIN_COLUMNS, 1 << (max_end - 1).bit_length())
 
 
+def spec_bucket(kind: str, batch: int, n: int, max_end: int) -> tuple | None:
+    """The bucket of a speculative step: ``kind`` "verify" (the main model over n tokens per
+    sequence, hidden states kept) or "mtp" (the MTP layer over n rows per sequence) ->
+    (padded batch, context columns, kind, n), or None when the batch is too large."""
+    b = bucket_of(batch, max_end)
+    return None if b is None else (*b, kind, n)
+
+
 def _container(v) -> bool:
     """Objects of the model tree that may hold weights: lists (of layers), our mutable
     dataclasses (layers, attention, MoE, ...) and the RoPE tables. Frozen configs are shared."""
@@ -209,27 +217,49 @@ class _DecodeModule(torch.nn.Module):
     (logits, *new rows in ``row_names`` order). Without ``bind_weights`` there are no weight
     inputs: the live model's tensors are traced as constants (read only)."""
 
-    def __init__(self, model: CausalLM, plane_names, row_names, bind_weights: bool = True):
+    def __init__(
+        self,
+        model: CausalLM,
+        plane_names,
+        row_names,
+        bind_weights: bool = True,
+        kind: str = "decode",
+        n: int = 1,
+    ):
+        """``kind``: "decode" (decode_step), "verify" (verify_step, n tokens per sequence,
+        outputs (logits, hidden, *rows)) or "mtp" (mtp_step: one more input, the previous
+        hidden states, after ctx_rows; outputs (logits, out, *rows))."""
         super().__init__()
-        self.model, self.bind_weights = model, bind_weights
+        self.model, self.bind_weights, self.kind, self.n = model, bind_weights, kind, n
         self.skeleton, self.weights, self.slots = _skeleton(model)
         self.plane_names, self.row_names = plane_names, row_names
 
+    def _call(self, model, input_ids, positions, ctx_rows, prev, planes):
+        if self.kind == "decode":
+            logits, rows = decode_step(model, input_ids, positions, ctx_rows, planes)
+            return (logits, *[rows[r] for r in self.row_names])
+        if self.kind == "verify":
+            out = verify_step(model, input_ids, positions, ctx_rows, planes, self.n)
+        else:
+            out = mtp_step(model, input_ids, positions, prev, ctx_rows, planes, self.n)
+        return (out[0], out[1], *[out[2][r] for r in self.row_names])
+
     def forward(self, input_ids, positions, ctx_rows, *rest):
+        prev = None
+        if self.kind == "mtp":
+            prev, rest = rest[0], rest[1:]
         n = len(self.plane_names)
         planes = dict(zip(self.plane_names, rest[:n], strict=True))
         if not self.bind_weights:  # frozen: the weights are read as constants
-            logits, rows = decode_step(self.model, input_ids, positions, ctx_rows, planes)
-            return (logits, *[rows[r] for r in self.row_names])
+            return self._call(self.model, input_ids, positions, ctx_rows, prev, planes)
         weights = rest[n:]
         for obj, name, i in self.slots:  # bind the skeleton to this call's weight inputs
             setattr(obj, name, weights[i])
         try:
-            logits, rows = decode_step(self.skeleton, input_ids, positions, ctx_rows, planes)
+            return self._call(self.skeleton, input_ids, positions, ctx_rows, prev, planes)
         finally:
             for obj, name, i in self.slots:
                 setattr(obj, name, self.weights[i])
-        return (logits, *[rows[r] for r in self.row_names])
 
 
 # Loaded libraries of this process: (CpuDecodeGraph key, bucket) -> _CompiledStep. Engines of
@@ -251,19 +281,32 @@ class _CompiledStep:
     C++ model directly (no guards, no Python wrapper per kernel); the model's weight tensors are
     passed as inputs on every call (nothing is copied)."""
 
-    def __init__(self, runner, plane_names: list[str], row_names: list[str], weights):
+    def __init__(
+        self, runner, plane_names: list[str], row_names: list[str], weights, kind="decode"
+    ):
         self.runner, self.loader = runner, runner.loader  # the runner keeps the library loaded
         self.plane_names, self.row_names, self.weights = plane_names, row_names, weights
+        self.kind = kind
 
     def with_weights(self, weights) -> _CompiledStep:
         """The same library called with another engine's weights (frozen: none)."""
-        return _CompiledStep(self.runner, self.plane_names, self.row_names, weights)
+        return _CompiledStep(self.runner, self.plane_names, self.row_names, weights, self.kind)
 
-    def __call__(self, step, input_ids, positions, ctx_rows, planes):
+    def __call__(self, step, input_ids, positions, ctx_rows, planes, *prev):
+        """decode: (logits, rows by name); verify / mtp: (logits, hidden, rows by name)."""
         out = self.loader.boxed_run(
-            [input_ids, positions, ctx_rows, *[planes[n] for n in self.plane_names], *self.weights]
+            [
+                input_ids,
+                positions,
+                ctx_rows,
+                *prev,
+                *[planes[n] for n in self.plane_names],
+                *self.weights,
+            ]
         )
-        return out[0], dict(zip(self.row_names, out[1:], strict=True))
+        if self.kind == "decode":
+            return out[0], dict(zip(self.row_names, out[1:], strict=True))
+        return out[0], out[1], dict(zip(self.row_names, out[2:], strict=True))
 
 
 class CpuDecodeGraph:
@@ -275,6 +318,8 @@ class CpuDecodeGraph:
         pool shape is reused instead of compiled again."""
         self.model, self.pool = model, pool
         self.enabled = model.device.type == "cpu" and graph_safe(model)
+        # the speculative steps (verify, MTP) too: the MTP layer's weights plain as well
+        self.spec_enabled = self.enabled and bool(model.mtp) and graph_safe(model, mtp=True)
         self.failed: str | None = None
         self.steps_compiled = 0  # decode steps served by a compiled bucket
         self.steps_eager = 0  # eligible decode steps that ran eagerly (bucket still compiling)
@@ -288,6 +333,13 @@ class CpuDecodeGraph:
         values = _values_digest(weights) if self.frozen and model_key else ()
         self._key = (model_key, self.frozen, shapes, values) if model_key else None
         self._layer_ids = {n: torch.tensor(ls, dtype=torch.long) for n, ls in self._stored.items()}
+        # Rows per sequence of the speculative buckets worth compiling (ModelRunner.speculate):
+        # kind -> {n}; other shapes (a request's last steps) run eagerly.
+        self.spec_rows: dict[str, set[int]] = {}
+        self._mtp_stored = stored_layers(model, mtp=True) if model.mtp else {}
+        self._mtp_ids = {
+            n: torch.tensor(ls, dtype=torch.long) for n, ls in self._mtp_stored.items()
+        }
         self._ready: dict[tuple[int, int], object] = {}  # bucket -> compiled callable
         self._queue: list[tuple[int, int]] = []
         self._cv = threading.Condition()
@@ -307,31 +359,43 @@ class CpuDecodeGraph:
         weights. Larger models pass the weights as inputs (no copy, ATen GEMMs)."""
         import torch._inductor as inductor
 
-        bb, cols = bucket
-        plane_names, row_names = list(self._planes), list(self._stored)
-        module = _DecodeModule(self.model, plane_names, row_names, bind_weights=not self.frozen)
-        ids = torch.zeros(bb, dtype=torch.long)
-        pos = torch.zeros(bb, dtype=torch.long)
-        ctx_rows = torch.zeros((bb, cols), dtype=torch.long)
+        bb, cols = bucket[:2]
+        kind, n = bucket[2:] if len(bucket) > 2 else ("decode", 1)
+        plane_names = list(self._planes)
+        row_names = list(self._mtp_stored if kind == "mtp" else self._stored)
+        module = _DecodeModule(self.model, plane_names, row_names, not self.frozen, kind=kind, n=n)
+        ids = torch.zeros(bb * n, dtype=torch.long)
+        pos = torch.arange(bb * n, dtype=torch.long) % n  # padding sequences: positions 0..n-1
+        ctx_rows = torch.zeros((bb * n, cols), dtype=torch.long)
+        prev = [torch.zeros((bb * n, self.model.cfg.hidden_size), dtype=self.model.dtype)]
+        prev = prev if kind == "mtp" else []
         weights = [] if self.frozen else module.weights
-        args = (ids, pos, ctx_rows, *[self._planes[n] for n in plane_names], *weights)
+        args = (ids, pos, ctx_rows, *prev, *[self._planes[n] for n in plane_names], *weights)
         with torch.no_grad():
             program = torch.export.export(module, args)
         opts = dict(QUIET)
         if self.frozen:
             opts.update(FROZEN)
         with tempfile.TemporaryDirectory(prefix="kvscope-cpu-graph-") as tmp:
-            path = str(Path(tmp) / f"decode_b{bb}_c{cols}.pt2")
+            path = str(Path(tmp) / f"{kind}{n}_b{bb}_c{cols}.pt2")
             with inductor.config.patch(opts):
                 inductor.aoti_compile_and_package(program, package_path=path)
             runner = inductor.aoti_load_package(path)
-        fn = _CompiledStep(runner, plane_names, row_names, weights)
+        fn = _CompiledStep(runner, plane_names, row_names, weights, kind)
         with torch.inference_mode():
-            fn(None, ids, pos, ctx_rows, self._planes)
+            fn(None, ids, pos, ctx_rows, self._planes, *prev)
         return fn
 
     def _step(self, input_ids, positions, ctx_rows, planes):
         return decode_step(self.model, input_ids, positions, ctx_rows, planes)
+
+    def _step_of(self, kind: str, n: int):
+        """The uncompiled tensor function of a speculative bucket (same outputs)."""
+        if kind == "verify":
+            return lambda ids, pos, ctx, planes: verify_step(self.model, ids, pos, ctx, planes, n)
+        return lambda ids, pos, ctx, planes, prev: mtp_step(
+            self.model, ids, pos, prev, ctx, planes, n
+        )
 
     def _work(self) -> None:
         try:
@@ -456,6 +520,61 @@ class CpuDecodeGraph:
             s.n == 1 and s.offset == b for b, s in enumerate(batch.seqs)
         )
 
+    def run_spec(self, kind: str, batch: ForwardBatch, pool: KVPool, prev=None):
+        """A speculative step through its compiled bucket, or None (run it eagerly; the
+        bucket is queued). ``kind`` "verify": the main model over n tokens per sequence ->
+        (logits [B*n, V], final-norm hidden [B*n, D]); "mtp": the MTP layer over n rows per
+        sequence, ``prev`` [B*n, D] its previous hidden states -> (logits, outputs). Rows of
+        sequence b are b*n .. b*n + n - 1; an MTP row whose ``new_rows`` is -1 is not stored."""
+        if not self.spec_enabled or pool is not self.pool or not batch.seqs:
+            return None
+        n = batch.seqs[0].n
+        if n not in self.spec_rows.get(kind, ()):
+            return None
+        if any(s.n != n or s.offset != b * n for b, s in enumerate(batch.seqs)):
+            return None
+        if kind == "verify" and batch.has_unstored:
+            return None
+        b, end = len(batch.seqs), max(s.end for s in batch.seqs)
+        bucket = spec_bucket(kind, b, n, end)
+        if bucket is None:
+            return None
+        fn = self._ready.get(bucket)
+        if fn is None:
+            self.request(bucket)
+            self.steps_eager += 1
+            return None
+        bb, cols = bucket[:2]
+        ctx_rows = torch.zeros((bb * n, cols), dtype=torch.long)
+        for i, s in enumerate(batch.seqs):
+            ctx_rows[i * n : (i + 1) * n, : s.end] = s.ctx_rows
+        ids = torch.zeros(bb * n, dtype=torch.long)
+        pos = torch.arange(bb * n, dtype=torch.long) % n  # padding: positions 0..n-1
+        ids[: b * n] = batch.input_ids
+        pos[: b * n] = batch.positions
+        reads = Reads(pool, batch)
+        extra = []
+        if kind == "verify":
+            read_every_plane(self.model, reads, end)
+        else:
+            mtp = self.model.mtp[0]
+            for plane in mtp.block.attn.read_planes(end):
+                reads(mtp.layer, plane)
+            pv = torch.zeros((bb * n, prev.shape[-1]), dtype=prev.dtype)
+            pv[: b * n] = prev
+            extra = [pv]
+        with torch.inference_mode():
+            logits, aux, new_rows = fn(
+                self._step_of(kind, n), ids, pos, ctx_rows, self._planes, *extra
+            )
+        layer_ids = self._mtp_ids if kind == "mtp" else self._layer_ids
+        keep = (batch.new_rows >= 0).nonzero().flatten()
+        for name, rows in new_rows.items():  # the new rows, into their own pages
+            vals = rows[:, : b * n][:, keep]
+            pool.store_layers(name, layer_ids[name], batch.new_rows[keep], vals)
+        self.steps_compiled += 1
+        return logits[: b * n], aux[: b * n]
+
     def run(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor | None:
         """Logits [B, V] of a decode step through its compiled bucket, or None (run eagerly;
         the bucket is queued for compilation)."""
@@ -492,6 +611,7 @@ __all__ = [
     "CpuDecodeGraph",
     "cpu_graph_requested",
     "bucket_of",
+    "spec_bucket",
     "abandon_compiles",
     "compiles_running",
     "failure_log",

@@ -32,17 +32,37 @@ if TYPE_CHECKING:
     from runtime.models.base import CausalLM
 
 
-def gather_context(plane: torch.Tensor, ctx_rows: torch.Tensor, new: torch.Tensor, positions):
-    """plane [rows, *tail], ctx_rows [B, C], new [B, *tail], positions [B] -> [B, C, *tail]
-    with column p_b holding the new token's row.
+def new_token_columns(positions: torch.Tensor, n: int):
+    """Rows r = b*n + j of B sequences with n new tokens each, row r at position p_b + j:
+    (cols [R, n] = p_b + j', src [R, n] = b*n + j') for j' < n: where row r's gathered context
+    holds its sequence's new rows (those past its own position are masked by causality)."""
+    r = positions.shape[0]
+    j = torch.arange(r, device=positions.device) % n
+    offs = torch.arange(n, device=positions.device)
+    first = positions - j
+    return first[:, None] + offs[None], (torch.arange(r, device=positions.device) - j)[
+        :, None
+    ] + offs[None]
+
+
+def gather_context(
+    plane: torch.Tensor, ctx_rows: torch.Tensor, new: torch.Tensor, positions, n: int = 1
+):
+    """plane [rows, *tail], ctx_rows [R, C], new [R, *tail], positions [R] -> [R, C, *tail]
+    with the new rows of each row's sequence at their columns (n new tokens per sequence; with
+    n = 1 column p_b holds the new token's row).
 
     Written as a gather followed by a scatter of the new rows (not a `where`): compiled, the
     scatter makes Inductor write the gathered context into one buffer that the attention reads
     with plain vector loads, instead of re-evaluating the indirect gather inside every
     attention loop (measured 10x slower at B = 8)."""
-    ctx = plane[ctx_rows]  # [B, C, *tail]
+    ctx = plane[ctx_rows]  # [R, C, *tail]
     b = ctx_rows.shape[0]
-    return ctx.index_put((torch.arange(b, device=ctx.device), positions), new.to(ctx.dtype))
+    if n == 1:
+        return ctx.index_put((torch.arange(b, device=ctx.device), positions), new.to(ctx.dtype))
+    cols, src = new_token_columns(positions, n)
+    rows = torch.arange(b, device=ctx.device)[:, None].expand(b, n)
+    return ctx.index_put((rows, cols), new[src].to(ctx.dtype))
 
 
 def routed_decode(
@@ -86,9 +106,11 @@ class GatheredDecodeStep(TorchOps):
     new rows (returned by ``decode_step``; the pool is never written here) and attention reads
     them at column p_b of the gathered context."""
 
-    def __init__(self, model, positions, ctx_rows, planes: dict[str, torch.Tensor]):
+    def __init__(self, model, positions, ctx_rows, planes: dict[str, torch.Tensor], n: int = 1):
+        """``n``: new tokens per sequence (rows b*n .. b*n + n - 1 are sequence b's, at
+        consecutive positions): 1 for a decode step, 1 + k to verify k drafts."""
         super().__init__(model.rope, positions, model.dtype)
-        self.positions, self.ctx_rows, self.planes = positions, ctx_rows, planes
+        self.positions, self.ctx_rows, self.planes, self.n = positions, ctx_rows, planes, n
         cols = torch.arange(ctx_rows.shape[1], device=ctx_rows.device)
         self.valid = cols[None, :] <= positions[:, None]  # causal: [B, C]
         self.new_rows: dict[str, list[torch.Tensor]] = {name: [] for name in planes}
@@ -101,7 +123,7 @@ class GatheredDecodeStep(TorchOps):
     def _context(self, layer: int, plane: str) -> torch.Tensor:
         """[B, C, *tail]: the plane's gathered context with the new rows at column p_b."""
         return gather_context(
-            self.planes[plane][layer], self.ctx_rows, self._current[plane], self.positions
+            self.planes[plane][layer], self.ctx_rows, self._current[plane], self.positions, self.n
         )
 
     def dsa_topk(self, attn, layer, q, w):
@@ -165,10 +187,33 @@ def decode_step(
     return logits, {name: torch.stack(rs) for name, rs in step.new_rows.items() if rs}
 
 
-def stored_layers(model: CausalLM) -> dict[str, list[int]]:
+def verify_step(model, input_ids, positions, ctx_rows, planes, n: int):
+    """A decode step of B sequences with n new tokens each (the last token, then n - 1
+    drafts; rows b*n + j): (logits [B*n, V] of every row, final-norm hidden [B*n, D], new rows
+    per plane [Ln, B*n, *tail]), the speculative verify (runtime/speculative.py)."""
+    step = GatheredDecodeStep(model, positions, ctx_rows, planes, n)
+    logits, hidden = model.run(input_ids, step, keep_hidden=True)
+    return logits, hidden, {name: torch.stack(rs) for name, rs in step.new_rows.items() if rs}
+
+
+def mtp_step(model, input_ids, positions, prev_hidden, ctx_rows, planes, n: int):
+    """The MTP layer (runtime/models/mtp.py) over B sequences x n rows: (logits [B*n, V],
+    outputs [B*n, D], new rows per plane [1, B*n, *tail] of the MTP layer)."""
+    from runtime.models.mtp import mtp_forward
+
+    step = GatheredDecodeStep(model, positions, ctx_rows, planes, n)
+    logits, out = mtp_forward(model, model.mtp[0], input_ids, prev_hidden, step)
+    return logits, out, {name: torch.stack(rs) for name, rs in step.new_rows.items() if rs}
+
+
+def stored_layers(model: CausalLM, mtp: bool = False) -> dict[str, list[int]]:
     """Plane name -> the layers whose rows decode_step returns, in order (GLM-5 "shared"
-    indexer layers store no indexer keys, as in the eager path)."""
+    indexer layers store no indexer keys, as in the eager path); ``mtp``: mtp_step's (the MTP
+    layer, pool layer num_layers, with a full indexer)."""
     cfg = model.cfg
+    if mtp:
+        n = cfg.num_layers
+        return {"latent": [n], "index_k": [n]} if cfg.is_mla else {"k": [n], "v": [n]}
     if not cfg.is_mla:
         every = list(range(cfg.num_layers))
         return {"k": every, "v": every}
@@ -181,6 +226,9 @@ __all__ = [
     "decode_step",
     "gather_context",
     "moe_decode",
+    "mtp_step",
+    "new_token_columns",
+    "verify_step",
     "routed_decode",
     "stored_layers",
 ]

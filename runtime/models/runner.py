@@ -50,7 +50,38 @@ class ModelRunner:
                     logits = graphs.run(batch, self.pool)
                     if logits is not None:
                         return logits
+        if keep_hidden and not all_logits and self.cpu_graph is not None:
+            got = self._verify(batch)
+            if got is not None:
+                return got
         return self.model.forward(batch, self.pool, all_logits, self.kernels, keep_hidden)
+
+    def speculate(self, draft_tokens: int) -> None:
+        """Compile the speculative steps of k = draft_tokens: verify k + 1 tokens per
+        sequence, the MTP layer over k + 1 rows (extend) and over 1 row (the chain)."""
+        if self.cpu_graph is not None:
+            k = draft_tokens
+            self.cpu_graph.spec_rows = {
+                "verify": {k + 1},
+                "mtp": {k + 1} | ({1} if k > 1 else set()),
+            }
+
+    def _verify(self, batch: ForwardBatch):
+        """A speculative verify step (every sequence n tokens, the logits of all n) through a
+        compiled bucket: (logits, hidden), or None."""
+        if not all(s.n_logits == s.n for s in batch.seqs):
+            return None
+        return self.cpu_graph.run_spec("verify", batch, self.pool)
+
+    def draft(self, batch: ForwardBatch, prev_hidden):
+        """The MTP layer over a batch (runtime/speculative.py): compiled when every sequence
+        has the same number of rows and returns them all, else eagerly. (logits of each
+        sequence's last n_logits rows, outputs [T, D])."""
+        if self.cpu_graph is not None and all(s.n_logits == s.n for s in batch.seqs):
+            got = self.cpu_graph.run_spec("mtp", batch, self.pool, prev_hidden)
+            if got is not None:
+                return got
+        return self.model.draft(batch, self.pool, prev_hidden, self.kernels)
 
     def describe(self) -> str:
         """How decode steps run (the model info panel): eager, CUDA graphs, or compiled CPU
@@ -62,13 +93,19 @@ class ModelRunner:
             return "kernels (Triton interpreter)" if self.kernels else "eager"
         if g.failed:
             return "eager (CPU graph compile failed)"
-        ready = ", ".join(f"b{b}x{c}" for b, c in g.buckets_ready) or "compiling"
+        ready = ", ".join(_bucket_name(b) for b in g.buckets_ready) or "compiling"
         return f"compiled CPU graph ({ready})"
 
     def close(self) -> None:
         """End the CPU graph's compile thread (Engine.close)."""
         if self.cpu_graph is not None:
             self.cpu_graph.close()
+
+
+def _bucket_name(bucket: tuple) -> str:
+    """b1x64 (a decode bucket), verify3-b1x64 / mtp3-b1x64 (speculative ones)."""
+    kind = f"{bucket[2]}{bucket[3]}-" if len(bucket) > 2 else ""
+    return f"{kind}b{bucket[0]}x{bucket[1]}"
 
 
 __all__ = ["ModelRunner"]

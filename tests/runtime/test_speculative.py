@@ -309,3 +309,32 @@ def test_sampled_speculation_in_the_engine(tiny_glm4_mtp):
     dof = sum(1 for x, y in zip(a, b, strict=True) if x + y) - 1
     z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
     assert 0.5 * math.erfc(z / math.sqrt(2)) > 1e-3
+
+
+# ---- the compiled CPU steps -------------------------------------------------------------------
+def _uncompiled(self, bucket):
+    """CpuDecodeGraph._compile without compiling: the same tensor function, run as is."""
+    return lambda step, *args: step(*args)
+
+
+def test_speculation_through_the_cpu_graph_steps(mtp_ckpt, monkeypatch):
+    """The verify and MTP steps as the compiled CPU graph runs them (fixed shapes: k + 1 rows
+    per sequence, gathered contexts, rows stored after the step) emit the eager tokens."""
+    from runtime.models.cpu_graph import CpuDecodeGraph
+
+    monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
+    monkeypatch.setattr(CpuDecodeGraph, "_compile", _uncompiled)
+    prompts = _prompts(6, 5)
+    ref = _reference(mtp_ckpt, prompts)
+    e = Engine(mtp_ckpt, EngineConfig(page_size=4, speculative=2, cpu_graph="auto"))
+    full = {f"r{i}": p + ref[f"r{i}"] for i, p in enumerate(prompts)}
+    _oracle(e, full, corrupt=0.3)
+    for _ in range(3):  # the first run queues the buckets, later ones use them
+        got = _run(e, prompts, poison=True)
+        assert got == ref
+        for r in list(got):
+            e.forget(r)
+        e.cpu_graph.wait_idle(60)
+    kinds = {b[2] for b in e.cpu_graph.buckets_ready if len(b) > 2}
+    assert kinds == {"verify", "mtp"} and e.cpu_graph.steps_compiled > 0
+    e.close()
