@@ -338,3 +338,23 @@ def test_speculation_through_the_cpu_graph_steps(mtp_ckpt, monkeypatch):
     kinds = {b[2] for b in e.cpu_graph.buckets_ready if len(b) > 2}
     assert kinds == {"verify", "mtp"} and e.cpu_graph.steps_compiled > 0
     e.close()
+
+
+def test_speculation_through_the_triton_kernels(tiny_dsa_mtp, monkeypatch):
+    """The kernel step backend (Triton, here its CPU interpreter): page-table kernels with the
+    lead token unstored (slot -1), the MTP layer's rows, verify rows; same tokens as eager."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    prompts = [p[:10] for p in _prompts(7, 2)]
+    ref = _reference(tiny_dsa_mtp, prompts, n=5)
+    monkeypatch.setenv("KVSCOPE_TRITON_INTERPRET", "1")
+    e = _engine(tiny_dsa_mtp, 2)
+    assert e.runner.kernels
+    full = {f"r{i}": p + ref[f"r{i}"] for i, p in enumerate(prompts)}
+    _oracle(e, full, corrupt=0.3)
+    assert _run(e, prompts, n=5) == ref
+    e.forget("r0")
+    rid = e.submit(prompt_ids=prompts[0], max_new_tokens=3, ignore_eos=True, request_id="r0")
+    e.run_until_done()  # a prefix hit: the lead token
+    assert e.request(rid).output_ids == ref["r0"][:3]
+    e.close()
