@@ -581,4 +581,5 @@ class Engine:
             "page_size": str(self.config.page_size),
             "kv_pages": str(self.pool.num_slots),
             "decode": self.runner.describe(),
+            "speculative": f"MTP, {self.draft_tokens} draft tokens" if self.drafter else "off",
         }
