@@ -9,7 +9,9 @@ each takes effect on every machine whatever its speed (no race decides whether i
   overwrites (the incident's bug 1), or after LATE_DEADLINE steps if no one reads them.
 - skip-fence: a load-back reader does not wait for its layer's fences while the copy is held
   until the read happened (bug 2): runtime/integrity/fence_fault.py.
-- host-bitflip: flips one bit of a READY L2 copy. disk-corrupt: truncates or alters an L3 file.
+- host-bitflip: flips one bit of the READY L2 copy a load-back is about to copy into L1 (rate:
+  per load-back). disk-corrupt: truncates or alters the L3 file a read is about to read (rate:
+  per L3 read); the store rejects it before any tier holds its bytes.
 Counters per kind (runtime/integrity/ledger.py): injected; changed (compared, not assumed: the
 bytes a request read differ from the correct ones); detected, by detector, and the delay;
 recovered; prevented (the protection stopped the fault from altering anything).
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -45,18 +46,6 @@ class LateWrite:
     registered: bool  # False: the writer bypasses the drain (reclaim does not wait for it)
 
 
-@dataclass
-class Flip:
-    """One flipped bit of an L2 copy, until that copy is replaced."""
-
-    slot: int  # host slot
-    plane: str
-    layer: int
-    byte: int  # index in the page's layer plane, as bytes
-    value: int  # the byte after the flip
-    sums: object  # the host slot's checksum record at the flip (a new copy replaces it)
-
-
 class FaultInjector(StepHooks):
     """A step hook (runtime/step_hooks.py) that injects the faults, counts what they did and
     writes its events to the monitor's log. Touches only the KV handles it is attached to."""
@@ -69,11 +58,10 @@ class FaultInjector(StepHooks):
         self.counts = self.ledger.counts  # kind -> counter (see the module doc)
         self.late: list[LateWrite] = []
         self.fence = FenceHold(self.rate("skip-fence"), self.rng, self.ledger, monitor, self)
-        self._flips: list[Flip] = []
-        self._flips_lock = threading.Lock()
-        self._flips_loaded: deque[tuple[Flip, int]] = deque()  # (flip, L1 slot): copy worker
-        self._corrupted: list[tuple[object, int]] = []  # (L3 file path, step)
-        self._seen = {"rejected": 0}
+        self.wrng = random.Random(cfg.seed + 2)  # the copy workers' draws
+        self._tier_events: deque[tuple[str, tuple]] = deque()  # from the copy workers
+        self._disk_reads: list[tuple] = []  # (L3 read transfer, file, step) being read
+        self._flipped_loads: list[tuple] = []  # (load transfer, flip...) until it landed
         self._ids = itertools.count(1)
         self.step = 0  # engine steps seen (computed or idle)
 
@@ -86,14 +74,15 @@ class FaultInjector(StepHooks):
 
     def copy_hooks(self):
         """Copy-engine hooks: skip-fence holds load-backs until their reader has read;
-        host-bitflip sees which flipped L2 copies are loaded back."""
-        fence, flips = self.rate("skip-fence"), self.rate("host-bitflip")
-        if not (fence or flips):
+        host-bitflip and disk-corrupt damage copies on their way to a reader."""
+        fence = self.rate("skip-fence")
+        tier = self.rate("host-bitflip") or self.rate("disk-corrupt")
+        if not (fence or tier):
             return None
         from runtime.kv.copy_engine import CopyHooks
 
         return CopyHooks(
-            before_step=self._copy_step if flips else None,
+            before_step=self._copy_step if tier else None,
             ready=self.fence.ready if fence else None,
         )
 
@@ -105,24 +94,19 @@ class FaultInjector(StepHooks):
         self.fence.end_forward()
 
     def after_commit(self, batch, checks: StepChecks) -> list[str]:
-        self._note_loaded_flips()
+        self._note_tier_faults()
         victim = self.maybe_hold_back(batch)
         return [] if victim is None else [victim]
 
     def recovered(self, rid: str, reasons: list[str]) -> None:
         self.note_recovered(reasons)
 
-    def end_step(self) -> None:
-        self._note_disk_rejections()
-        self.corrupt_tiers()
-
     def idle(self) -> None:
         """A step that computed nothing still advances time: delayed writers land (and ack)."""
         self.step += 1
         self.fence.release_all()
         self.land_late_writes(StepChecks(), None)
-        self._note_loaded_flips()
-        self._note_disk_rejections()
+        self._note_tier_faults()
 
     def busy(self) -> bool:
         return bool(self.late)
@@ -266,82 +250,80 @@ class FaultInjector(StepHooks):
         for lw in self.late:
             lw.land_step = 0
 
-    # ---- tier copies -------------------------------------------------------------------------
-    def corrupt_tiers(self) -> None:
-        """host-bitflip / disk-corrupt, at their rates, once per step."""
-        kv = self.kv
-        if self.rate("host-bitflip") and kv.host is not None:
-            ready = [i for i, s in enumerate(kv.host.slots) if s.state == "READY" and not s.busy]
-            if ready and self.rng.random() < self.rate("host-bitflip"):
-                hs = self.rng.choice(ready)
-                name = self.rng.choice(sorted(kv.host.planes))
-                layer = self.rng.randrange(kv.host.planes[name].shape[0])
-                raw = kv.host.planes[name][layer, hs].reshape(-1).view(torch.uint8)  # a view
-                i = self.rng.randrange(raw.numel())
-                raw[i] ^= 1 << self.rng.randrange(8)
-                flip = Flip(hs, name, layer, i, int(raw[i]), kv.host.slots[hs].checksums)
-                with self._flips_lock:
-                    self._flips.append(flip)
-                self.counts["host-bitflip"]["injected"] += 1
-                self.monitor.event("-", "inject", f"host-bitflip: L2 slot {hs} plane {name}")
-        if self.rate("disk-corrupt") and kv.disk is not None:
-            files = [p for p in kv.disk.root.rglob("*") if p.is_file() and p.stat().st_size > 64]
-            if files and self.rng.random() < self.rate("disk-corrupt"):
-                path = self.rng.choice(sorted(files))
-                data = bytearray(path.read_bytes())
-                if self.rng.random() < 0.5:
-                    data = data[: len(data) // 2]
-                else:
-                    data[self.rng.randrange(len(data))] ^= 0xFF
-                path.write_bytes(bytes(data))
-                self._corrupted.append((path, self.step))
-                self.counts["disk-corrupt"]["injected"] += 1
-                self.monitor.event("-", "inject", f"disk-corrupt: {path.name}")
-
+    # ---- tier copies (copy worker threads, then the engine thread) ------------------------
     def _copy_step(self, t, layer: int) -> None:
-        """Copy worker, before step `layer` of `t`: does a load-back copy a flipped byte into
-        L1 (the byte in L2 still differs from the copy's correct byte)?"""
-        if t.kind != "load":
+        """Before step `layer` of transfer `t`, on its worker: host-bitflip flips one bit of
+        the L2 copy an L2 -> L1 load-back is about to copy (a READY copy, pinned by the load);
+        disk-corrupt damages the L3 file an L3 -> L2 read is about to read. At their rates,
+        once per transfer: every injection hits bytes that are on their way to a reader."""
+        if layer or self.kv is None:
             return
-        host = self.kv.host
-        with self._flips_lock:
-            for flip in list(self._flips):
-                if flip.layer != layer or flip.slot not in t.src_slots:
-                    continue
-                self._flips.remove(flip)
-                raw = host.planes[flip.plane][layer, flip.slot].reshape(-1).view(torch.uint8)
-                same_copy = host.slots[flip.slot].checksums is flip.sums
-                if same_copy and int(raw[flip.byte]) == flip.value:
-                    dst = t.dst_slots[t.src_slots.index(flip.slot)]
-                    self._flips_loaded.append((flip, dst))
+        if (
+            t.kind == "load"
+            and self.rate("host-bitflip")
+            and self.wrng.random() < self.rate("host-bitflip")
+        ):
+            i = self.wrng.randrange(len(t.src_slots))
+            hs, dst = t.src_slots[i], t.dst_slots[i]
+            name = self.wrng.choice(sorted(t.src))
+            plane_layer = self.wrng.randrange(t.src[name].shape[0])
+            raw = t.src[name][plane_layer, hs].reshape(-1).view(torch.uint8)  # a view
+            b = self.wrng.randrange(raw.numel())
+            raw[b] ^= 1 << self.wrng.randrange(8)
+            flip = (t, hs, dst, name, plane_layer, b, int(raw[b]))
+            self._tier_events.append(("host-bitflip", flip))
+        if (
+            t.kind == "read_l3"
+            and self.rate("disk-corrupt")
+            and self.wrng.random() < self.rate("disk-corrupt")
+        ):
+            path = self.kv.disk.path_of(t.tag)
+            try:
+                data = bytearray(path.read_bytes())
+            except OSError:
+                return
+            if self.wrng.random() < 0.5:
+                data = data[: len(data) // 2]
+            else:
+                data[self.wrng.randrange(len(data))] ^= 0xFF
+            path.write_bytes(bytes(data))
+            self._tier_events.append(("disk-corrupt", (t, path)))
 
-    def _note_loaded_flips(self) -> None:
-        """Engine thread, after the step's loads were applied: flipped bytes that reached L1
-        changed what their readers read (then the load's checksum rejects them, if on)."""
-        alloc = self.kv.alloc
-        while self._flips_loaded:
-            _, slot = self._flips_loaded.popleft()
-            self.counts["host-bitflip"]["changed"] += 1
-            owners = set(alloc.records[slot].owners)
-            self.ledger.effect("host-bitflip", self.step, [slot], owners)
-
-    def _note_disk_rejections(self) -> None:
-        """A damaged L3 file is rejected when read (header/checksums), before any tier holds
-        its bytes: detected (checksum), never changed data a request read."""
-        disk = self.kv.disk
-        if disk is None or not self._corrupted:
-            return
-        new = disk.stats["rejected"] - self._seen["rejected"]
-        self._seen["rejected"] = disk.stats["rejected"]
+    def _note_tier_faults(self) -> None:
+        """Engine thread, after the step's loads were applied (before the engine reports the
+        failed ones): count the tier faults the workers injected and what they changed."""
+        pool, alloc, tiers = self.kv.pool, self.kv.alloc, self.kv.tiers
+        while self._tier_events:
+            kind, what = self._tier_events.popleft()
+            self.counts[kind]["injected"] += 1
+            if kind == "host-bitflip":
+                self.monitor.event("-", "inject", f"host-bitflip: L2 slot {what[1]} {what[3]}")
+                self._flipped_loads.append(what)
+            else:
+                self.monitor.event("-", "inject", f"disk-corrupt: {what[1].name}")
+                self._disk_reads.append((*what, self.step))
+        failed = set(tiers.failed_loads)
         keep = []
-        for path, step in self._corrupted:
-            if new > 0 and not path.exists():
-                new -= 1
-                inj = self.ledger.effect("disk-corrupt", step)
+        for t, _, dst, name, layer, b, flipped in self._flipped_loads:
+            if not t.done():
+                keep.append((t, _, dst, name, layer, b, flipped))
+                continue
+            raw = pool.planes[name][layer, dst].reshape(-1).view(torch.uint8)
+            if int(raw[b]) != flipped:  # compared: the page its reader read has the flip
+                continue
+            self.counts["host-bitflip"]["changed"] += 1
+            inj = self.ledger.effect("host-bitflip", self.step, [dst], alloc.records[dst].owners)
+            if (t.id, dst) in failed:  # the load's checksum verification rejected it
                 self.ledger.detect(inj, "checksum", self.step)
-            elif path.exists():
-                keep.append((path, step))
-        self._corrupted = keep
+        self._flipped_loads = keep
+        keep = []
+        for t, path, step in self._disk_reads:
+            if not t.done():
+                keep.append((t, path, step))
+            elif t.result is None and not path.exists():  # rejected (and deleted) by the store
+                inj = self.ledger.effect("disk-corrupt", step)  # its bytes reached no tier
+                self.ledger.detect(inj, "checksum", self.step)
+        self._disk_reads = keep
 
     def report(self) -> dict[str, dict]:
         return {k: self.ledger.report(k) for k in FAULT_KINDS if self.counts[k]}
