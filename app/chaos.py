@@ -66,8 +66,9 @@ def _prompts(engine: Engine, n: int, seed: int) -> list[list[int]]:
             msg.append({"role": "user", "content": rng.choice(TOPICS)})
             out.append(engine.encode_prompt(messages=msg))
         else:
-            vocab = engine.model_config.vocab_size
-            shared = [(7 * k) % (vocab - 2) + 2 for k in range(24 * (1 + i % 3))]
+            vocab = engine.model_config.vocab_size  # six prefixes, as above: 2 to 7 pages
+            variant = i % 6
+            shared = [(7 * k + 31 * variant) % (vocab - 2) + 2 for k in range(16 * (2 + variant))]
             out.append(shared + [rng.randrange(2, vocab) for _ in range(rng.randint(1, 8))])
     return out
 
