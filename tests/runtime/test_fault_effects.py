@@ -28,13 +28,14 @@ def prompts():
     return [rng.choice(prefixes) + [rng.randrange(2, 200) for _ in range(3)] for _ in range(40)]
 
 
-def _run(model, prompts, tmp_path, name, unsafe=False, slow_reader=False, **ic):
+def _run(model, prompts, tmp_path, name, unsafe=False, slow_reader=False, l1=14, **ic):
+    """The workload under KV pressure: `l1` pages of L1 (10: more load-backs), 12 of L2."""
     probe = Engine(model, EngineConfig(device="cpu", page_size=PS))
     bpp = probe.pool.bytes_per_page
     cfg = EngineConfig(
         device="cpu",
         page_size=PS,
-        kv_mem=14 * bpp,
+        kv_mem=l1 * bpp,
         kv_host_mem=12 * bpp,
         kv_disk=str(tmp_path / name),
         max_running=4,
@@ -47,7 +48,7 @@ def _run(model, prompts, tmp_path, name, unsafe=False, slow_reader=False, **ic):
 
         def slow(layer, plane, rows):
             if e.kv.tiers.loads_in_flight():
-                time.sleep(0.002)
+                time.sleep(0.01)
             guard(layer, plane, rows)
 
         e.pool.read_guard = slow
@@ -79,13 +80,15 @@ def _row(e, kind):
     return row
 
 
-@pytest.mark.parametrize("slow_reader", [False, True])
-def test_skip_fence_reads_stale_bytes_every_time(tiny_dsa, prompts, clean, tmp_path, slow_reader):
-    e, reqs = _run(
-        tiny_dsa, prompts, tmp_path, "sf", faults={"skip-fence": 0.2}, slow_reader=slow_reader
-    )
+def test_skip_fence_reads_stale_bytes_every_time(tiny_dsa, prompts, clean, tmp_path):
+    """Protections on: every skipped fence is seen at the read, nothing corrupt is emitted.
+    --unsafe, with a reader slowed down (10 ms before each read while loads are in flight,
+    long after an unheld copy would have landed): the stale read still happens every time."""
+    e, reqs = _run(tiny_dsa, prompts, tmp_path, "sf", l1=10, faults={"skip-fence": 0.3})
     row = _row(e, "skip-fence")
-    assert row["injected"] >= 2 and row["changed_frac"] >= 0.75, row
+    # changed < injected only where the LOADING page already held the same bytes (a page
+    # reloaded into the slot it was evicted from): compared, so not counted
+    assert row["injected"] >= 4 and row["changed_frac"] >= 0.6, row
     assert row["detected_by"]["fence"] == row["detected"] == row["injected"], row
     assert row["detection_delay_steps"]["max"] == 0
     assert row["extra"].get("hold_expired", 0) == 0
@@ -96,11 +99,12 @@ def test_skip_fence_reads_stale_bytes_every_time(tiny_dsa, prompts, clean, tmp_p
         tmp_path,
         "sfu",
         unsafe=True,
-        faults={"skip-fence": 0.2},
-        slow_reader=slow_reader,
+        slow_reader=True,
+        l1=10,
+        faults={"skip-fence": 0.3},
     )
     row = _row(e, "skip-fence")
-    assert row["injected"] >= 2 and row["changed_frac"] >= 0.75 and row["detected"] == 0, row
+    assert row["injected"] >= 4 and row["changed_frac"] >= 0.6 and row["detected"] == 0, row
     assert _corrupt(reqs, clean) > 0  # the read-before-ready garbles the output
 
 
@@ -115,22 +119,22 @@ def test_abort_reuse_late_write_garbles_unsafe_and_is_caught_when_bypassed(
         tiny_dsa, prompts, tmp_path, "bypass", faults={"abort-reuse": 0.2}, bypass_drain=True
     )
     row = _row(e, "abort-reuse")
-    assert row["injected"] >= 3 and row["changed_frac"] >= 0.75, row
+    assert row["injected"] >= 3 and row["changed_frac"] >= 0.6, row
     assert row["detected_by"]["epoch"] >= row["changed"], row
     assert _corrupt(reqs, clean) == 0
     e, reqs = _run(tiny_dsa, prompts, tmp_path, "unsafe", unsafe=True, faults={"abort-reuse": 0.2})
     row = _row(e, "abort-reuse")
-    assert row["injected"] >= 3 and row["changed_frac"] >= 0.75 and row["detected"] == 0, row
+    assert row["injected"] >= 3 and row["changed_frac"] >= 0.6 and row["detected"] == 0, row
     assert _corrupt(reqs, clean) > 0  # the use-after-free garbling reproduces
 
 
 def test_tier_faults_hit_copies_on_their_way_to_a_reader(tiny_dsa, prompts, clean, tmp_path):
-    e, reqs = _run(tiny_dsa, prompts, tmp_path, "hb", faults={"host-bitflip": 0.2})
+    e, reqs = _run(tiny_dsa, prompts, tmp_path, "hb", l1=10, faults={"host-bitflip": 0.3})
     row = _row(e, "host-bitflip")
     assert row["injected"] >= 2 and row["changed"] == row["injected"], row
     assert row["detected_by"]["checksum"] == row["changed"], row  # the load's checksum
     assert _corrupt(reqs, clean) == 0
-    e, reqs = _run(tiny_dsa, prompts, tmp_path, "dc", faults={"disk-corrupt": 0.2})
+    e, reqs = _run(tiny_dsa, prompts, tmp_path, "dc", l1=10, faults={"disk-corrupt": 0.3})
     row = _row(e, "disk-corrupt")
     # the store rejects a damaged file before any tier holds its bytes: caught, never read
     assert row["injected"] >= 2 and row["changed"] == 0, row
