@@ -298,22 +298,26 @@ class FaultInjector(StepHooks):
             self.counts[kind]["injected"] += 1
             if kind == "host-bitflip":
                 self.monitor.event("-", "inject", f"host-bitflip: L2 slot {what[1]} {what[3]}")
-                self._flipped_loads.append(what)
+                self._flipped_loads.append((what[0], *what[2:], None))
             else:
                 self.monitor.event("-", "inject", f"disk-corrupt: {what[1].name}")
                 self._disk_reads.append((*what, self.step))
         failed = set(tiers.failed_loads)
         keep = []
-        for t, _, dst, name, layer, b, flipped in self._flipped_loads:
-            if not t.done():
-                keep.append((t, _, dst, name, layer, b, flipped))
-                continue
-            raw = pool.planes[name][layer, dst].reshape(-1).view(torch.uint8)
-            if int(raw[b]) != flipped:  # compared: the page its reader read has the flip
-                continue
-            self.counts["host-bitflip"]["changed"] += 1
-            inj = self.ledger.effect("host-bitflip", self.step, [dst], alloc.records[dst].owners)
-            if (t.id, dst) in failed:  # the load's checksum verification rejected it
+        for t, dst, name, layer, b, flipped, inj in self._flipped_loads:
+            if inj is None:
+                if not t.done():  # the copy has not landed yet
+                    keep.append((t, dst, name, layer, b, flipped, None))
+                    continue
+                raw = pool.planes[name][layer, dst].reshape(-1).view(torch.uint8)
+                if int(raw[b]) != flipped:  # compared: the page its reader read has the flip
+                    continue
+                self.counts["host-bitflip"]["changed"] += 1
+                owners = alloc.records[dst].owners
+                inj = self.ledger.effect("host-bitflip", self.step, [dst], owners)
+            if tiers.load_transfer(dst) is t:  # landed, not yet verified (applied in a poll)
+                keep.append((t, dst, name, layer, b, flipped, inj))
+            elif (t.id, dst) in failed:  # the load's checksum verification rejected it
                 self.ledger.detect(inj, "checksum", self.step)
         self._flipped_loads = keep
         keep = []
