@@ -48,7 +48,7 @@ def _run(model, prompts, tmp_path, name, unsafe=False, slow_reader=False, l1=14,
 
         def slow(layer, plane, rows):
             if e.kv.tiers.loads_in_flight():
-                time.sleep(0.01)
+                time.sleep(0.005)
             guard(layer, plane, rows)
 
         e.pool.read_guard = slow
@@ -82,7 +82,7 @@ def _row(e, kind):
 
 def test_skip_fence_reads_stale_bytes_every_time(tiny_dsa, prompts, clean, tmp_path):
     """Protections on: every skipped fence is seen at the read, nothing corrupt is emitted.
-    --unsafe, with a reader slowed down (10 ms before each read while loads are in flight,
+    --unsafe, with a reader slowed down (5 ms before each read while loads are in flight,
     long after an unheld copy would have landed): the stale read still happens every time."""
     e, reqs = _run(tiny_dsa, prompts, tmp_path, "sf", l1=10, faults={"skip-fence": 0.3})
     row = _row(e, "skip-fence")
@@ -160,3 +160,21 @@ def test_held_copy_step_waits_for_ready_without_blocking_others():
     eng.kick()
     assert t_load.wait_all(5) and a["p"][:, 0].sum() == 6
     assert eng.close(5)
+
+
+def test_ledger_credits_any_detector_and_measures_the_delay():
+    """A flag credits the recent injections that touched its pages or requests, once per
+    detector; a detector the ledger has never heard of gets its own column."""
+    from runtime.integrity.ledger import Ledger
+
+    led = Ledger()
+    a = led.effect("skip-fence", 10, slots=[3], rids=["r1"])
+    led.effect("skip-fence", 11, slots=[4], rids=["r2"])
+    led.flagged("acceptance", 14, rids=["r1"])
+    led.flagged("fence", 15, slots=[3])
+    led.flagged("fence", 16, slots=[3])  # the same injection, the same detector: once
+    row = led.report("skip-fence")
+    assert row["detected"] == 1 and a.detected == {"acceptance": 14, "fence": 15}
+    assert row["detected_by"]["acceptance"] == 1 and row["detected_by"]["fence"] == 1
+    assert list(row["detected_by"])[: len(DETECTORS)] == list(DETECTORS)
+    assert row["detection_delay_steps"] == {"mean": 4.0, "max": 4}
