@@ -27,7 +27,7 @@ import time
 
 import torch
 
-HOLD_MAX_S = 5.0
+HOLD_MAX_S = 30.0  # s; a forward slower than this counts hold_expired, not changed
 
 
 class FenceHold:

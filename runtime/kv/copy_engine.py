@@ -150,8 +150,8 @@ class CopyHooks:
     pick: Callable[[list[Transfer]], int] | None = None  # which pending transfer goes next
     before_step: Callable[[Transfer, int], None] | None = None  # may sleep or block: a delay
     # May step `layer` of the transfer run now? False holds it back (threaded workers only; it
-    # runs once this says True). Called under the engine's lock: no blocking, no copy-engine
-    # calls. Whoever changes its answer calls `CopyEngine.kick()`.
+    # runs once this says True). Called under the copy engine's lock: no blocking, no copy
+    # engine calls. Whoever changes its answer calls `CopyEngine.kick()`.
     ready: Callable[[Transfer, int], bool] | None = None
 
 
