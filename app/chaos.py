@@ -1,10 +1,11 @@
 """`kvscope chaos`: many concurrent requests under KV pressure with injected faults.
 
 For each fault kind: one clean run (protections on, nothing injected) gives every request's
-reference output; the injected run is compared with it token by token. Reported per kind:
-injected, changed (the fault altered bytes a request reads), detected, recovered, prevented,
-corrupt_tokens_emitted, false_positives (violations flagged in the clean run), clean_tokens and
-overhead_pct (decode time with the default checks vs with checks off, same prompts).
+reference output; the injected run is compared with it token by token. Reported per kind
+(app/chaos_report.py): injected, changed (the bytes a request read differed from the correct
+ones) and changed/injected, detections by detector and their delay, recovered, prevented,
+corrupt_tokens_emitted, false_positives (violations flagged in the clean run), clean_tokens;
+and overhead_pct (decode time with the default checks vs with checks off, same prompts).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from app.chaos_report import kind_row, print_report
 from runtime.engine import Engine, EngineConfig
 from runtime.integrity.config import FAULT_KINDS, IntegrityConfig, parse_inject
 
@@ -64,8 +66,9 @@ def _prompts(engine: Engine, n: int, seed: int) -> list[list[int]]:
             msg.append({"role": "user", "content": rng.choice(TOPICS)})
             out.append(engine.encode_prompt(messages=msg))
         else:
-            vocab = engine.model_config.vocab_size
-            shared = [(7 * k) % (vocab - 2) + 2 for k in range(24 * (1 + i % 3))]
+            vocab = engine.model_config.vocab_size  # six prefixes, as above: 2 to 7 pages
+            variant = i % 6
+            shared = [(7 * k + 31 * variant) % (vocab - 2) + 2 for k in range(16 * (2 + variant))]
             out.append(shared + [rng.randrange(2, vocab) for _ in range(rng.randint(1, 8))])
     return out
 
@@ -146,60 +149,9 @@ def chaos_report(args) -> dict:
             ic = IntegrityConfig(faults={kind: rate}, bypass_drain=args.bypass_drain)
             cfg = replace(base, kv_disk=str(Path(tmp) / kind), integrity=ic, unsafe=args.unsafe)
             e, res, _ = _run(args.model, cfg, prompts, args.max_new_tokens)
-            report["kinds"][kind] = _kind_report(e, kind, res, ref, false_pos)
+            report["kinds"][kind] = kind_row(e, kind, res, ref, false_pos)
     report["overhead_pct"] = report["clean"]["overhead_pct"]
     return report
-
-
-def _kind_report(e: Engine, kind: str, res: dict, ref: dict, false_pos: int) -> dict:
-    c = dict(e.monitor.faults.counts[kind])
-    corrupt = clean = 0
-    garbled = []
-    for r in res.values():
-        if r.finish_reason != "length":
-            continue  # aborted by the injected timeout: nothing to compare
-        want = ref[tuple(r.prompt_ids)]
-        bad = sum(a != b for a, b in zip(r.output_ids, want, strict=False))
-        bad += abs(len(r.output_ids) - len(want))
-        corrupt += bad
-        clean += len(r.output_ids) - min(bad, len(r.output_ids))
-        if bad and len(garbled) < 3 and e.tokenizer is not None:
-            garbled.append({"got": r.text, "want": e.tokenizer.decode(want)})
-    if kind == "host-bitflip":
-        c["detected"] = c["recovered"] = e.kv.tiers.load_failures
-    if kind == "disk-corrupt" and e.kv.disk is not None:
-        c["detected"] = c["recovered"] = e.kv.disk.stats["rejected"]
-    return {
-        "injected": c.get("injected", 0),
-        "changed": c.get("changed", c.get("detected", 0)),
-        "detected": c.get("detected", 0),
-        "recovered": c.get("recovered", 0),
-        "prevented": c.get("prevented", 0),
-        "corrupt_tokens_emitted": corrupt,
-        "false_positives": false_pos,
-        "clean_tokens": clean,
-        "garbled_examples": garbled,
-    }
-
-
-def print_report(rep: dict) -> None:
-    cols = ["injected", "changed", "detected", "recovered", "prevented"]
-    cols += ["corrupt_tokens_emitted", "false_positives", "clean_tokens"]
-    mode = "UNSAFE (protections off)" if rep["unsafe"] else "protections on"
-    print(f"kvscope chaos: {rep['requests']} requests, {mode}")
-    print(f"{'kind':<14}" + "".join(f"{c[:14]:>15}" for c in cols))
-    for kind, row in rep["kinds"].items():
-        print(f"{kind:<14}" + "".join(f"{row[c]:>15}" for c in cols))
-    print(f"overhead of the default checks on decode: {rep['overhead_pct']} %")
-    graph = rep.get("clean", {}).get("decode_steps_cpu_graph")
-    if graph and sum(graph.values()):
-        print(
-            f"timed decode steps: {graph['compiled']} through the compiled CPU graph, "
-            f"{graph['eager']} eager"
-        )
-    for kind, row in rep["kinds"].items():
-        for ex in row["garbled_examples"][:1]:
-            print(f"[{kind}] garbled: {ex['got']!r}\n{'':>{len(kind) + 3}}clean:   {ex['want']!r}")
 
 
 def clean_report(args) -> dict:

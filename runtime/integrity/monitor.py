@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 from runtime.integrity.acceptance import acceptance_flag
-from runtime.integrity.config import IntegrityConfig
+from runtime.integrity.config import DETECTORS, IntegrityConfig
 from runtime.integrity.faults import FaultInjector
 from runtime.integrity.verdicts import apply_text_checks, token_verdict, worst
 from runtime.kv.checksum import page_checksums
@@ -69,9 +69,13 @@ class IntegrityMonitor(StepHooks):
         self._t0 = time.monotonic()
 
     def event(self, rid: str, kind: str, detail: str, pages=()) -> None:
+        """Log an event; a detector's event (kind in DETECTORS) also credits the injected
+        faults that touched these pages or this request (runtime/integrity/ledger.py)."""
         self.events.append(
             IntegrityEvent(time.monotonic() - self._t0, rid, kind, detail, tuple(pages))
         )
+        if kind in DETECTORS:
+            self.faults.ledger.flagged(kind, self.faults.step, pages, (rid,))
 
     # ---- inside the forward: every read goes through here -----------------------------------
     def read_guard(self, layer: int, plane: str, rows: torch.Tensor) -> None:
@@ -79,23 +83,19 @@ class IntegrityMonitor(StepHooks):
         if not tiers.loads_in_flight():
             return
         slots = torch.unique(rows // self.kv.page_size).tolist()
-        skip = not self.cfg.protections or self.faults.skip_fence(plane)
-        if not skip:
-            tiers.wait_layer(slots, layer)
-            return
-        # The read proceeds without waiting (the incident's bug 2). Validation: was every
-        # fence of this layer complete at the moment of the read?
-        open_ = [s for s in slots if not tiers.fence_done(s, layer)]
-        if open_:
-            self.faults.note_skip_fence(changed=True)
-            if self.cfg.protections:
-                # straight into the running step's checks: before any late write's reason
-                bad = self._checks.bad if self._checks is not None else self.pending_bad
-                for slot in open_:
-                    for rid in self.kv.alloc.records[slot].owners:
-                        bad[rid].append(f"read {plane} L{layer} before its fence")
-                        self.event(rid, "fence", f"{plane} layer {layer} read before fence", [slot])
-                self.faults.note_detected("skip-fence")
+        # injected skip-fence: these slots' fences are not waited for (the incident's bug 2)
+        skipped = self.faults.fence_reads(layer, plane, rows, slots)
+        if not self.cfg.protections:
+            return  # --unsafe: no fence waits at all
+        tiers.wait_layer([s for s in slots if s not in skipped], layer)
+        # Validation: was every fence of this layer complete at the moment of the read?
+        open_ = [s for s in skipped if not tiers.fence_done(s, layer)]
+        # straight into the running step's checks: before any late write's reason
+        bad = self._checks.bad if self._checks is not None else self.pending_bad
+        for slot in open_:
+            for rid in self.kv.alloc.records[slot].owners:
+                bad[rid].append(f"read {plane} L{layer} before its fence")
+                self.event(rid, "fence", f"{plane} layer {layer} read before fence", [slot])
 
     # ---- around the forward -----------------------------------------------------------------
     def before_forward(self, batch, checks: StepChecks) -> None:

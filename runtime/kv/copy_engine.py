@@ -15,7 +15,8 @@ Back ends:
 - manual (`threaded=False`): nothing runs until the caller calls `step()`; tests choose which
   transfer advances, which reorders and delays completions deterministically.
 Disk jobs run on a second worker ("io") so a slow disk never holds up L1 <-> L2 copies.
-`CopyHooks` let tests and fault injection delay (`before_step`) and reorder (`pick`) steps.
+`CopyHooks` let tests and fault injection delay (`before_step`), reorder (`pick`) and hold back
+(`ready`) steps; a held step never blocks the worker, which runs other transfers meanwhile.
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ class CopyHooks:
 
     pick: Callable[[list[Transfer]], int] | None = None  # which pending transfer goes next
     before_step: Callable[[Transfer, int], None] | None = None  # may sleep or block: a delay
+    # May step `layer` of the transfer run now? False holds it back (threaded workers only; it
+    # runs once this says True). Called under the copy engine's lock: no blocking, no copy
+    # engine calls. Whoever changes its answer calls `CopyEngine.kick()`.
+    ready: Callable[[Transfer, int], bool] | None = None
+
+
+HOLD_POLL_S = 0.02  # a worker re-asks `ready` this often while every pending step is held
 
 
 class CopyEngine:
@@ -237,6 +245,19 @@ class CopyEngine:
                 self._open = [t for t in self._open if t.id not in ids]
         return done
 
+    def kick(self) -> None:
+        """The `ready` hook's answer changed: workers look at their held steps again."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def order_after_caller(self, t: Transfer) -> None:
+        """CUDA: the transfer's remaining steps run after the work the caller's current stream
+        has queued so far (a held copy released after its reader's kernels). CPU: no-op."""
+        if self.cuda:  # pragma: no cover - GPU only
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            t.src_ready = ev
+
     @property
     def in_flight(self) -> int:
         with self._cv:
@@ -297,13 +318,21 @@ class CopyEngine:
         return not any(th.is_alive() for th in self._threads)
 
     # ---- execution (worker threads, or the caller in manual mode) ----------------------------
+    def _runnable(self, lane: str) -> list[Transfer]:
+        """Pending transfers of `lane` whose next step the `ready` hook lets run (under _cv)."""
+        ready = self.hooks.ready
+        todo = self._pending[lane]
+        return todo if ready is None else [t for t in todo if ready(t, t.progress)]
+
     def _worker(self, lane: str) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._closed or self._pending[lane])
-                if not self._pending[lane]:
-                    return
-                todo = self._pending[lane]
+                while not (todo := self._runnable(lane)):
+                    if self._closed and not self._pending[lane]:
+                        return
+                    # nothing runnable: wait for a submit or a kick; held steps are re-asked
+                    # now and then (a hold may end on its own, e.g. after a time limit)
+                    self._cv.wait(HOLD_POLL_S if self._pending[lane] else None)
                 t = todo[self.hooks.pick(list(todo)) if self.hooks.pick else 0]
                 self._busy += 1
             try:
@@ -344,7 +373,7 @@ class CopyEngine:
 
     def _copy_layer_cuda(self, t: Transfer, layer: int) -> Any:  # pragma: no cover - GPU only
         with torch.cuda.stream(self.stream):
-            if layer == 0 and t.src_ready is not None:
+            if t.src_ready is not None:  # every step: `order_after_caller` may replace it
                 self.stream.wait_event(t.src_ready)
             self._copy_layer(t, layer, non_blocking=True)
             ev = torch.cuda.Event()

@@ -237,6 +237,14 @@ class TierController(TierMoves):
         t = self._loading.get(slot)
         return t is None or t.fences[layer].done()
 
+    def load_transfer(self, slot: int):
+        """The L2 -> L1 load in flight into `slot` (a copy_engine `Transfer`), or None."""
+        return self._loading.get(slot)
+
+    def load_transfers(self) -> list:
+        """Every L2 -> L1 load not yet applied, each once, oldest first."""
+        return list({t.id: t for t in self._loading.values()}.values())
+
     def loads_in_flight(self) -> bool:
         """True while any L2 -> L1 load-back has not been applied (cheap; no locking)."""
         return bool(self._loading)

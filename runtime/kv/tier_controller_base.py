@@ -17,6 +17,7 @@ flight) and every operation that moves a page between tiers:
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -90,6 +91,7 @@ class TierMoves:
         self._l2_writebacks = 0  # L3 writes that free their L2 slot when done
         self.evictions = 0
         self.load_failures = 0
+        self.failed_loads: deque[tuple[int, int]] = deque(maxlen=1024)  # (transfer id, L1 slot)
 
     # ---- eviction -------------------------------------------------------------------------------
     def evict_l1(self, n: int) -> int:
@@ -235,7 +237,7 @@ class TierMoves:
         self.tree.set_l2(node, hs)
         node.pending += 1
         key, page = node.hash, self.host.page(hs)
-        t = self.copier.run_job(lambda: self.disk.get(key, page), "read_l3")
+        t = self.copier.run_job(lambda: self.disk.get(key, page), "read_l3", tag=key)
         self._ops[t.id] = _Op("read_l3", [node], l2=[hs])
 
     # ---- completion -------------------------------------------------------------------------
@@ -286,6 +288,7 @@ class TierMoves:
                 self._sync(node)
                 continue
             self.load_failures += 1
+            self.failed_loads.append((t.id, l1))
             self.tree.set_l1(node, None)
             _, dropped = self.alloc.finish_load(l1, op.writer, None)
             node.lock_ref -= len(dropped)

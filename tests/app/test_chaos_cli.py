@@ -1,30 +1,41 @@
-"""`kvscope chaos` end to end on a tiny model: the report's shape and its protections-on claims
-(every abort-reuse injection prevented by safe reclaim, every byte-changing host bit flip
-detected, no corrupt token against the clean run), the --clean-only mode, and a bad --inject
-as one clear line with exit 2."""
+"""`kvscope chaos` end to end on a tiny model: the report's shape (per kind: changed and its
+share, one detection column per detector, the delay) and its protections-on claims (every
+abort-reuse injection prevented by safe reclaim, every host bit flip reaches a reader and is
+caught by the load's checksum, no corrupt token against the clean run), the --clean-only mode,
+and a bad --inject as one clear line with exit 2."""
 
 from __future__ import annotations
 
 import json
 
 from app.cli import main
+from runtime.integrity.config import DETECTORS
 
 
 def test_chaos_report_protections_on(tmp_path, tiny_dsa, capsys):
     out = tmp_path / "chaos.json"
     argv = ["chaos", "--model", tiny_dsa, "--requests", 24, "--max-new-tokens", 10, "--json", out]
     argv += ["--inject", "abort-reuse:1.0", "--inject", "host-bitflip:1.0", "--device", "cpu"]
+    argv += ["--inject", "skip-fence:1.0"]
     assert main([str(a) for a in argv]) == 0
     printed = capsys.readouterr().out
     assert "overhead of the default checks on decode" in printed
+    header = next(ln for ln in printed.splitlines() if ln.startswith("kind "))
+    assert all(f"det:{d}" in header for d in DETECTORS) and "changed%" in header
     rep = json.loads(out.read_text())
-    assert set(rep["kinds"]) == {"abort-reuse", "host-bitflip"}
+    assert set(rep["kinds"]) == {"abort-reuse", "host-bitflip", "skip-fence"}
     assert rep["clean"]["false_positives"] == 0 and rep["clean"]["tokens"] == 240
     assert rep["kinds"]["abort-reuse"]["prevented"] == rep["kinds"]["abort-reuse"]["injected"] > 0
+    assert rep["kinds"]["abort-reuse"]["changed"] == 0
+    fence = rep["kinds"]["skip-fence"]  # every premature read is seen at the read
+    assert fence["detected_by"]["fence"] == fence["injected"] >= fence["changed"] > 0
+    flips = rep["kinds"]["host-bitflip"]
+    assert flips["changed"] == flips["injected"] and flips["changed_frac"] == 1.0
+    assert flips["detected_by"]["checksum"] == flips["detected"] == flips["changed"]
     for kind, row in rep["kinds"].items():
         assert row["injected"] > 0, (kind, row)
+        assert list(row["detected_by"])[: len(DETECTORS)] == list(DETECTORS), (kind, row)
         assert row["corrupt_tokens_emitted"] == 0, (kind, row)
-        assert row["detected"] == row["changed"], (kind, row)
 
 
 def test_chaos_clean_only(tmp_path, tiny_dsa, capsys):

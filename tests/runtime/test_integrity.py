@@ -87,7 +87,7 @@ def test_abort_reuse_unsafe_reproduces_the_garbling(tiny_dsa, workload, clean, t
 def test_skip_fence_is_detected_and_unsafe_reads_stale_kv(tiny_dsa, workload, clean, tmp_path):
     e, reqs = _run(tiny_dsa, workload, tmp_path, "d", faults={"skip-fence": 0.5})
     c = e.monitor.faults.counts["skip-fence"]
-    assert c["injected"] > 0 and c["detected"] == c["changed"]
+    assert c["injected"] > 0 and c["detected"] >= c["changed"] > 0
     assert _wrong(reqs, clean) == 0
     e, reqs = _run(tiny_dsa, workload, tmp_path, "e", unsafe=True, faults={"skip-fence": 0.5})
     assert e.monitor.faults.counts["skip-fence"]["changed"] > 0
