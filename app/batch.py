@@ -12,6 +12,7 @@ from pathlib import Path
 from app.jsonl import FIELDS, complete_ids, count_requests, json_line, read_requests
 from runtime.engine import Engine
 from runtime.errors import KvscopeError
+from runtime.integrity.acceptance import acceptance_flag
 from runtime.sampling import SamplingParams
 
 __all__ = ["FIELDS", "count_requests", "json_line", "result_record", "run_batch"]
@@ -35,8 +36,56 @@ def _params(rec: dict, defaults: dict) -> SamplingParams:
     return SamplingParams(stop=tuple(stop), **kw).validate()
 
 
-def result_record(engine: Engine, rid: str, user_id) -> dict:
+ACCEPTANCE_PREFIX = "acceptance: "  # the detector's token-verdict reasons (integrity monitor)
+
+
+def speculation_record(req) -> dict | None:
+    """The request's draft statistics (runtime/speculative.AcceptStats), None without drafts."""
+    st = req.spec
+    if st is None:
+        return None
+    return {
+        "steps": st.steps,
+        "drafted": st.drafted,
+        "accepted": st.accepted,
+        "accept_length": round(st.accept_length, 4),
+        "accept_rate": round(st.accept_rate, 4),
+    }
+
+
+class AcceptanceFlags:
+    """Per request, the acceptance detector's token verdicts seen in the stream: how many
+    tokens it flagged and the first one's reason (the request's final judgement is computed
+    at the end, since the finishing event carries no token reasons)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict] = {}
+
+    def note(self, ev) -> None:
+        reasons = [r for r in ev.verdict.reasons if r.startswith(ACCEPTANCE_PREFIX)]
+        if not reasons:
+            return
+        rec = self.seen.setdefault(ev.request_id, {"first_token": ev.index, "first": None})
+        rec["first"] = rec["first"] or reasons[0][len(ACCEPTANCE_PREFIX) :]
+        rec["flagged_tokens"] = rec.get("flagged_tokens", 0) + 1
+
+    def record(self, engine: Engine, req) -> dict | None:
+        """{first_token, first, flagged_tokens, final} or None when never flagged."""
+        seen = self.seen.pop(req.request_id, None)
+        final = acceptance_flag(req.spec, len(req.output_ids), engine.config.integrity)
+        if seen is None and final is None:
+            return None
+        seen = seen or {"first_token": len(req.output_ids) - 1, "first": final}
+        n = seen.get("flagged_tokens", 0)
+        # the last token of a request that ran to its end streamed inside the finishing event
+        # (no token reasons): it was judged as `final` is
+        n += final is not None and req.finish_reason in ("stop", "length")
+        return {**seen, "flagged_tokens": n, "final": final}
+
+
+def result_record(engine: Engine, rid: str, user_id, flags: AcceptanceFlags | None = None) -> dict:
     req = engine.request(rid)
+    acceptance = flags.record(engine, req) if flags is not None else None
     if req.status == "error":
         return {"id": user_id, "error": "; ".join(req.violations) or "request failed"}
     return {
@@ -53,7 +102,9 @@ def result_record(engine: Engine, rid: str, user_id) -> dict:
             "verdict": req.verdict,
             "checked_tokens": req.checked_tokens,
             "violations": list(req.violations),
+            "acceptance": acceptance,
         },
+        "speculation": speculation_record(req),
     }
 
 
@@ -84,6 +135,7 @@ def run_batch(
     summary["interrupted"] = False
     pending: dict[str, object] = {}  # engine request id -> user id
     window = 4 * engine.config.max_running
+    flags = AcceptanceFlags()
 
     def stopping() -> bool:
         return stop is not None and stop.requested
@@ -118,8 +170,10 @@ def run_batch(
             for ev in engine.step():
                 if progress is not None and ev.request_id in pending and ev.token_id >= 0:
                     progress.add_tokens(1)
+                flags.note(ev)
                 if ev.finished and ev.request_id in pending:
-                    write(result_record(engine, ev.request_id, pending.pop(ev.request_id)))
+                    uid = pending.pop(ev.request_id)
+                    write(result_record(engine, ev.request_id, uid, flags))
 
     with dst:
         for line in lines:
