@@ -135,3 +135,11 @@ def test_batch_records_speculation_and_acceptance(tmp_path, tiny_glm4_mtp):
         assert a["first"].startswith("accept length") and "< 5" in a["first"]
         assert a["final"].startswith("accept length") and "garbled" in a["final"]
         assert r["integrity"]["violations"] == []  # suspect, not corrupt
+
+
+@pytest.mark.parametrize("mode", ["chat", "inspect", "serve", "bench"])
+def test_every_engine_mode_takes_and_checks_the_flags(capsys, tiny_glm4_mtp, mode):
+    code, line = _err(capsys, mode, "--model", tiny_glm4_mtp, "--speculative", "lots")
+    assert code == 2 and "--speculative 'lots'" in line
+    code, line = _err(capsys, mode, "--model", tiny_glm4_mtp, "--accept-window", "-1")
+    assert code == 2 and "--accept-window '-1'" in line
