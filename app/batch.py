@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.jsonl import FIELDS, complete_ids, count_requests, json_line, read_requests
+from app.speculation import AcceptanceFlags, speculation_record
 from runtime.engine import Engine
 from runtime.errors import KvscopeError
 from runtime.sampling import SamplingParams
@@ -35,8 +36,9 @@ def _params(rec: dict, defaults: dict) -> SamplingParams:
     return SamplingParams(stop=tuple(stop), **kw).validate()
 
 
-def result_record(engine: Engine, rid: str, user_id) -> dict:
+def result_record(engine: Engine, rid: str, user_id, flags: AcceptanceFlags | None = None) -> dict:
     req = engine.request(rid)
+    acceptance = flags.record(engine, req) if flags is not None else None
     if req.status == "error":
         return {"id": user_id, "error": "; ".join(req.violations) or "request failed"}
     return {
@@ -53,7 +55,9 @@ def result_record(engine: Engine, rid: str, user_id) -> dict:
             "verdict": req.verdict,
             "checked_tokens": req.checked_tokens,
             "violations": list(req.violations),
+            "acceptance": acceptance,
         },
+        "speculation": speculation_record(req),
     }
 
 
@@ -84,6 +88,7 @@ def run_batch(
     summary["interrupted"] = False
     pending: dict[str, object] = {}  # engine request id -> user id
     window = 4 * engine.config.max_running
+    flags = AcceptanceFlags()
 
     def stopping() -> bool:
         return stop is not None and stop.requested
@@ -118,8 +123,10 @@ def run_batch(
             for ev in engine.step():
                 if progress is not None and ev.request_id in pending and ev.token_id >= 0:
                     progress.add_tokens(1)
+                flags.note(ev)
                 if ev.finished and ev.request_id in pending:
-                    write(result_record(engine, ev.request_id, pending.pop(ev.request_id)))
+                    uid = pending.pop(ev.request_id)
+                    write(result_record(engine, ev.request_id, uid, flags))
 
     with dst:
         for line in lines:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from app import bench_cached, bench_llamacpp
+from app import bench_cached, bench_llamacpp, bench_spec
 from app.bench_figures import KV, build_figure, figure_specs, summary
 from app.bench_floors import (
     MemoryProbe,
@@ -83,6 +83,13 @@ def add_bench_args(p) -> None:
     g.add_argument("--no-cached", action="store_true", help="skip the cached-prefix TTFT rows")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g.add_argument(
+        "--spec-compare",
+        default="default",
+        metavar="VALUES",
+        help="--speculative values to time side by side, e.g. off,1,2,3 (default: off,auto "
+        "when the model has MTP layers); none: skip the speculative decoding rows",
+    )
 
 
 def _log(msg: str) -> None:
@@ -174,6 +181,7 @@ def run_bench(args, argv: list[str]) -> dict:
     if econf.kv_disk:  # a disk cache that outlives this run must not serve our "cold" prompts
         seed = args.seed * 1_000_003 + random.SystemRandom().getrandbits(31)
     prompts = Prompts(seed, cfg.vocab_size, plen)
+    spec_values = bench_spec.spec_values(args.spec_compare, cfg.num_nextn_predict_layers > 0)
     shapes = {f"b{b}": b for b in BATCHES}
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     notes: list[str] = []
@@ -192,6 +200,7 @@ def run_bench(args, argv: list[str]) -> dict:
     _log(f"loading kvscope from {args.model}")
     probe.start()
     kv = KvscopeRunner(args.model, econf, max(BATCHES), plen)
+    spec_k = kv.engine.draft_tokens  # MTP draft tokens of the kvscope contender (0: off)
     first[KV] = _warm(kv, KV, prompts, args.warmup, n)
     graph_info = _settle_cpu_graph(kv, prompts, n)
     memory[KV] = probe.stop()
@@ -298,6 +307,22 @@ def run_bench(args, argv: list[str]) -> dict:
     if kv is not None:
         kv.close()
 
+    speculation = None
+    if spec_values:  # decode with and without the MTP layer's drafts, side by side
+        speculation = bench_spec.measure_speculation(
+            args.model,
+            econf,
+            spec_values,
+            prompts,
+            BATCHES,
+            n,
+            args,
+            lambda r: _settle_cpu_graph(r, prompts, n),
+            _log,
+        )
+    elif cfg.num_nextn_predict_layers == 0:
+        notes.append("no speculative decoding rows: the model has no MTP layers")
+
     _log("measuring copy bandwidth")
     bw = copy_bandwidth(device)
     floors_info = {"copy_bandwidth_bytes_s": summary(bw), "basis": "fastest copy sample"}
@@ -356,6 +381,8 @@ def run_bench(args, argv: list[str]) -> dict:
         expert_cache=econf.expert_cache,
         quant=econf.quant,
         kvscope_cpu_graph=graph_info,
+        kvscope_speculative=spec_k,
+        spec_compare=args.spec_compare,
     )
     return {
         "schema": "kvscope-bench/1",
@@ -383,6 +410,7 @@ def run_bench(args, argv: list[str]) -> dict:
         "engine_reported_decode_tok_s": reported,
         "runs": {c: {s: [serial(x) for x in rs] for s, rs in by.items()} for c, by in runs.items()},
         "figures": figures,
+        "speculation": speculation,
     }
 
 

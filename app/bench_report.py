@@ -4,6 +4,7 @@ greedy agreement lines."""
 from __future__ import annotations
 
 from app.bench_figures import format_table
+from app.bench_spec import report_lines as spec_lines
 
 
 def report(res: dict) -> str:
@@ -49,6 +50,11 @@ def report(res: dict) -> str:
                 else f"eager (CPU graph compile failed: {graph['failed']})"
             )
         )
+    if s.get("kvscope_speculative"):
+        lines.append(
+            f"kvscope decode: speculative, {s['kvscope_speculative']} MTP draft tokens per step "
+            "(--speculative; the speculative decoding rows compare it with off)"
+        )
     lc = res.get("llamacpp")
     if lc:
         lines.append(
@@ -88,6 +94,7 @@ def report(res: dict) -> str:
             f"greedy agreement, batch 1: kvscope ({ag['dtype']}, --quant {s['quant']}) vs "
             f"llama.cpp {la['gguf_type'].upper()}: {la['matching']}/{la['tokens']} tokens{div}"
         )
+    lines += spec_lines(res.get("speculation"))
     trial = res["peer_selection"]["trial_decode_tok_s"]
     if any(trial.values()):
         parts = [

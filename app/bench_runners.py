@@ -101,6 +101,7 @@ class KvscopeRunner:
         while any(not r.done for r in reqs):
             eng.step()
         t2, c2 = time.perf_counter(), time.process_time()
+        specs = [r.spec for r in reqs if r.spec is not None]  # speculative decoding stats
         for r in reqs:
             if r.status != "finished" or len(r.output_ids) != n:
                 why = "; ".join(r.violations) or r.finish_reason
@@ -111,6 +112,10 @@ class KvscopeRunner:
                 t: sum(r.cached_tokens.get(t, 0) for r in reqs) for t in ("L1", "L2", "L3")
             }
         }
+        if specs:
+            extra["accept"] = {
+                k: sum(getattr(x, k) for x in specs) for k in ("steps", "drafted", "accepted")
+            }
         if graph is not None:  # decode steps that ran eagerly while their bucket compiled
             extra["decode_steps_eager"] = graph.steps_eager - eager0
         if self.expert_cache is not None:

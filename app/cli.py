@@ -14,7 +14,12 @@ from pathlib import Path
 
 from app import shutdown
 from app.cache_defaults import add_default_switches, apply_cache_defaults
-from app.options import add_common, engine_config
+from app.options import (
+    add_common,
+    engine_config,
+    speculative_flag_given,
+    speculative_options,
+)
 from runtime.errors import KvscopeError
 
 
@@ -120,6 +125,8 @@ def cmd_batch(args) -> int:
 
         if args.resume:  # it writes every line at the end, in input order
             raise KvscopeError("--resume: not supported with --layer-split")
+        if speculative_options(args)["speculative"]:
+            raise KvscopeError("--speculative: not supported with --layer-split (use auto or off)")
         with shutdown.Stop():  # a signal raises shutdown.Interrupted: exit 130 / 143
             return run_layer_split_batch(args)
     engine = _make_engine(args)
@@ -193,6 +200,11 @@ def cmd_chaos(args) -> int:
     from app.chaos import cmd_chaos as run
 
     engine_config(args)  # validates the common flags with one-line errors
+    flag = speculative_flag_given(args)
+    if flag is not None:  # app/chaos.py builds its engines with the defaults
+        raise KvscopeError(
+            f"{flag}: not configurable in kvscope chaos yet (runs with the defaults)"
+        )
     return run(args)
 
 

@@ -58,11 +58,108 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="CPU decode steps through compiled graphs (auto: compiled in the background)",
     )
     g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
+    add_speculative(p)
     g.add_argument(
         "--verbose",
         action="store_true",
         help="print the tracebacks of background failures (CPU-graph compiles) on stderr",
     )
+
+
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    """--speculative and the acceptance detector's thresholds (runtime/integrity/acceptance.py).
+    Values are parsed by speculative_options (one-line errors), not by argparse types, so that
+    every mode reports them the same way."""
+    d = IntegrityConfig()
+    g = p.add_argument_group("speculative decoding (the checkpoint's MTP layers)")
+    g.add_argument(
+        "--speculative",
+        default="auto",
+        metavar="N|auto|off",
+        help="draft tokens per step from the MTP layer; auto: on when the checkpoint has MTP "
+        "layers (default); off (or 0): no drafts",
+    )
+    g.add_argument(
+        "--accept-min-length",
+        default=str(d.accept_min_length),
+        metavar="X",
+        help=f"acceptance detector: flag accept length below X (default {d.accept_min_length})",
+    )
+    g.add_argument(
+        "--accept-max-rate",
+        default=str(d.accept_max_rate),
+        metavar="R",
+        help=f"acceptance detector: flag accept rate above R in [0, 1] (default "
+        f"{d.accept_max_rate})",
+    )
+    g.add_argument(
+        "--accept-after",
+        default=str(d.accept_after_tokens),
+        metavar="N",
+        help=f"acceptance detector: judge a request once it generated N tokens (default "
+        f"{d.accept_after_tokens})",
+    )
+    g.add_argument(
+        "--accept-window",
+        default=str(d.accept_window),
+        metavar="N",
+        help=f"acceptance detector: judge the last N verify steps (default {d.accept_window})",
+    )
+
+
+def parse_speculative(text: str, flag: str = "--speculative") -> int | None:
+    """'auto' -> None (on with MTP layers), 'off' / '0' -> 0, 'N' -> N draft tokens."""
+    t = str(text).strip().lower()
+    if t == "auto":
+        return None
+    if t in ("off", "0"):
+        return 0
+    try:
+        n = int(t)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise KvscopeError(f"{flag} {text!r}: use a number of draft tokens >= 1, auto or off")
+    return n
+
+
+def _number(args, attr: str, flag: str, kind, lo, hi=None):
+    text = getattr(args, attr)
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v != v or v < lo or (hi is not None and v > hi):
+        want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        noun = "an integer" if kind is int else "a number"
+        raise KvscopeError(f"{flag} {text!r}: must be {noun} {want}")
+    return v
+
+
+def speculative_options(args: argparse.Namespace) -> dict:
+    """The --speculative / --accept-* flags as {"speculative": ..., "accept": {IntegrityConfig
+    fields}}; one-line KvscopeError for a bad value. Namespaces without the flags (modes that
+    do not add them) get the defaults."""
+    if not hasattr(args, "speculative"):
+        return {"speculative": None, "accept": {}}
+    accept = dict(
+        accept_min_length=_number(args, "accept_min_length", "--accept-min-length", float, 0.0),
+        accept_max_rate=_number(args, "accept_max_rate", "--accept-max-rate", float, 0.0, 1.0),
+        accept_after_tokens=_number(args, "accept_after", "--accept-after", int, 0),
+        accept_window=_number(args, "accept_window", "--accept-window", int, 1),
+    )
+    return {"speculative": parse_speculative(args.speculative), "accept": accept}
+
+
+def speculative_flag_given(args: argparse.Namespace) -> str | None:
+    """The first --speculative / --accept-* flag set to other than its default, or None (for
+    modes that build their engines with the defaults)."""
+    defaults = argparse.ArgumentParser()
+    add_speculative(defaults)
+    for action in defaults._actions:
+        if action.dest != "help" and getattr(args, action.dest, action.default) != action.default:
+            return action.option_strings[0]
+    return None
 
 
 def kv_tier_options(args: argparse.Namespace) -> dict:
@@ -94,6 +191,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         from runtime.weights.placement import parse_expert_cache
 
         parse_expert_cache(args.expert_cache)  # N experts, P% or SIZE; raises a one-line error
+    spec = speculative_options(args)
     return EngineConfig(
         device=args.device,
         dtype=args.dtype,
@@ -108,7 +206,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         **kv_tier_options(args),
         unsafe=args.unsafe,
         cpu_graph=getattr(args, "cpu_graph", "auto"),
+        speculative=spec["speculative"],
         integrity=IntegrityConfig(
-            faults=parse_inject(args.inject), bypass_drain=getattr(args, "bypass_drain", False)
+            faults=parse_inject(args.inject),
+            bypass_drain=getattr(args, "bypass_drain", False),
+            **spec["accept"],
         ),
     )

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from rich.style import Style
 from rich.text import Text
+
+from runtime.telemetry import TokenVerdict
 
 VERDICT_STYLE = {"ok": "green", "suspect": "black on yellow", "corrupt": "bold white on red"}
 VERDICT_MARK = {"ok": "✓", "suspect": "?", "corrupt": "✗"}
-EVENT_STYLE = {"inject": "magenta", "recovery": "green"}  # anything else is a violation: red
+# Integrity log kinds that are not KV violations (anything else is a violation: red). The
+# speculative acceptance detector (runtime/integrity/acceptance.py) judges a whole request's
+# drafts, not a page read: its own colour, also on the tokens it alone made suspect.
+EVENT_STYLE = {"inject": "magenta", "recovery": "green", "acceptance": "dark_orange"}
+ACCEPTANCE_PREFIX = "acceptance: "  # the detector's token-verdict reasons
+ACCEPTANCE_STYLE = "black on dark_orange"
+# Speculative decoding (TokenVerdict.draft): the colour stays the verdict's; the draft status is
+# the text style, so both read at once.
+DRAFT_STYLE = {"accepted": "underline", "rejected": "italic"}
+DRAFT_LEGEND = (
+    ("accepted", "underlined: MTP draft the target accepted"),
+    ("rejected", "italic: the target's token after it rejected drafts"),
+)
 OWNER_COLORS = ("dodger_blue1", "green3", "dark_orange", "orchid", "turquoise2", "gold1",
                 "salmon1", "chartreuse3")  # fmt: skip
 TIER_COLORS = {"L1": "green", "L2": "cyan", "L3": "blue"}
@@ -55,3 +70,36 @@ def ranges(ids: tuple[int, ...] | list[int]) -> str:
         out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
         i = j + 1
     return ", ".join(out)
+
+
+def draft_status(v: TokenVerdict) -> str:
+    """ "" (no speculation, or the target's token after every draft was accepted), "accepted"
+    (an MTP draft the target accepted) or "rejected" (the target's own token replacing
+    `v.rejected` rejected drafts)."""
+    if v.draft == "accepted":
+        return "accepted"
+    return "rejected" if v.draft == "target" and v.rejected > 0 else ""
+
+
+def acceptance_only(v: TokenVerdict) -> bool:
+    """Suspect only because of the speculative acceptance detector."""
+    return (
+        v.verdict == "suspect"
+        and bool(v.reasons)
+        and all(r.startswith(ACCEPTANCE_PREFIX) for r in v.reasons)
+    )
+
+
+def token_style(v: TokenVerdict) -> Style:
+    """A streamed token's style: its verdict as colour, its draft status as text style."""
+    colour = ACCEPTANCE_STYLE if acceptance_only(v) else VERDICT_STYLE.get(v.verdict, "")
+    style = Style.parse(colour)
+    status = draft_status(v)
+    return style + Style.parse(DRAFT_STYLE[status]) if status else style
+
+
+def fmt_accept(length: float | None, rate: float | None) -> tuple[str, str]:
+    """Accept length and rate cells ("–" without speculation)."""
+    if length is None:
+        return "–", "–"
+    return f"{length:.2f}", "–" if rate is None else f"{rate:.0%}"

@@ -29,6 +29,24 @@ class Reply:
         return Counter(t.verdict.verdict for t in self.tokens)
 
 
+def verify_step(tokens: list[TokenEvent], index: int) -> tuple[int, int, int] | None:
+    """(drafted, accepted, rejected) of the speculative verify step that produced
+    tokens[index], or None if it came from a step without drafts. A verify step streams its
+    accepted drafts ("accepted") then the target's own token ("target", carrying how many
+    drafts the step rejected), all in one engine step."""
+    if not tokens[index].verdict.draft:
+        return None
+    end = index
+    while end < len(tokens) and tokens[end].verdict.draft == "accepted":
+        end += 1
+    start = index
+    while start > 0 and tokens[start - 1].verdict.draft == "accepted":
+        start -= 1
+    accepted = end - start
+    rejected = tokens[end].verdict.rejected if end < len(tokens) else 0
+    return accepted + rejected, accepted, rejected
+
+
 @dataclass
 class Turn:
     role: str  # "user" | "assistant"

@@ -134,6 +134,7 @@ def prometheus_text(snap: EngineSnapshot, runner, engine=None) -> str:
         "counter",
         [({"kind": k}, n) for k, n in sorted(runner.event_kinds.items())],
     )
+    _speculative(out, runner, engine)
     _line(out, "evictions_total", "L1 pages evicted", "counter", [({}, snap.evictions)])
     _line(
         out,
@@ -175,6 +176,44 @@ def prometheus_text(snap: EngineSnapshot, runner, engine=None) -> str:
             [({}, heat)],
         )
     return "\n".join(out) + "\n"
+
+
+def _speculative(out: list[str], runner, engine) -> None:
+    """Speculative decoding (app/speculation.py), summed over finished requests."""
+    spec = runner.spec
+    k = getattr(engine, "draft_tokens", 0) or 0
+    _line(out, "speculative_draft_tokens", "MTP draft tokens per step (0: off)", "gauge", [({}, k)])
+    for key, help_ in (
+        ("steps", "verify steps with drafts, finished requests"),
+        ("drafted", "MTP draft tokens verified, finished requests"),
+        ("accepted", "MTP draft tokens accepted, finished requests"),
+    ):
+        name = f"speculative_{key}_total" if key == "steps" else f"speculative_{key}_tokens_total"
+        _line(out, name, help_, "counter", [({}, spec[key])])
+    steps = spec["steps"]
+    length = round((spec["accepted"] + steps) / steps, 6) if steps else 0
+    rate = round(spec["accepted"] / spec["drafted"], 6) if spec["drafted"] else 0
+    _line(
+        out,
+        "speculative_accept_length",
+        "mean tokens per verify step, finished requests (0: none)",
+        "gauge",
+        [({}, length)],
+    )
+    _line(
+        out,
+        "speculative_accept_rate",
+        "accepted / drafted tokens, finished requests",
+        "gauge",
+        [({}, rate)],
+    )
+    _line(
+        out,
+        "speculative_acceptance_detections_total",
+        "finished requests the acceptance detector flagged",
+        "counter",
+        [({}, spec["flagged"])],
+    )
 
 
 def _expert_stats(engine):

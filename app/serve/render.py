@@ -30,13 +30,16 @@ def usage(o: Outcome) -> dict:
 
 
 def extension(o: Outcome, request_id: str) -> dict:
-    """kvscope's own fields: prefix tokens served per tier and the integrity verdict."""
+    """kvscope's own fields: prefix tokens served per tier, the integrity verdict, and the
+    speculative decoding stats with the acceptance detector's verdict (app/speculation.py)."""
     return {
         "request_id": request_id,
         "cached_tokens": {t: int(o.cached_tokens.get(t, 0)) for t in ("L1", "L2", "L3")},
         "verdict": o.verdict,
         "violations": list(o.violations),
         "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 6),
+        "speculation": o.speculation,  # steps, drafted, accepted, accept_length, accept_rate
+        "acceptance": o.acceptance,  # the acceptance detector's flags, None if never flagged
     }
 
 

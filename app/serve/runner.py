@@ -18,6 +18,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 
+from app.speculation import AcceptanceFlags, speculation_record
 from runtime.errors import KvscopeError
 from runtime.request import FINISHED
 from runtime.telemetry import TokenEvent
@@ -40,6 +41,10 @@ class Outcome:
     verdict: str
     violations: tuple[str, ...]
     ttft_s: float | None
+    # speculative decoding (app/speculation.py): the request's draft stats, and the acceptance
+    # detector's verdicts on it (None: no drafts / never flagged)
+    speculation: dict | None = None
+    acceptance: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class EngineRunner:
         self.snapshot = engine.snapshot()
         self.snapshot_seq = 0
         self.event_kinds: Counter[str] = Counter()  # integrity events by kind, cumulative
+        # speculative decoding over finished requests: verify steps, drafted / accepted tokens,
+        # and requests the acceptance detector flagged
+        self.spec: Counter[str] = Counter()
+        self._accept_flags = AcceptanceFlags()
         self._last_event_t = -1.0
         self._snap_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="kvscope-engine", daemon=True)
@@ -156,6 +165,11 @@ class EngineRunner:
         req = self.engine.request(ev.request_id)
         self.verdicts[req.verdict] += 1
         self.finish_reasons[ev.finish_reason or "stop"] += 1
+        spec = speculation_record(req)
+        acceptance = self._accept_flags.record(self.engine, req)
+        for key in ("steps", "drafted", "accepted") if spec else ():
+            self.spec[key] += spec[key]
+        self.spec["flagged"] += acceptance is not None
         return Outcome(
             finish_reason=ev.finish_reason or "stop",
             prompt_tokens=len(req.prompt_ids),
@@ -164,10 +178,13 @@ class EngineRunner:
             verdict=req.verdict,
             violations=tuple(req.violations),
             ttft_s=req.ttft_s(),
+            speculation=spec,
+            acceptance=acceptance,
         )
 
     def _route(self, events: list[TokenEvent]) -> None:
         for ev in events:
+            self._accept_flags.note(ev)
             if ev.finished:
                 outcome = self._outcome(ev)
                 self._deliver(ev.request_id, ev, final=False)

@@ -13,6 +13,7 @@ from textual.widgets import Footer, Input, Static
 
 from inspector.messages import NewConversation, SendPrompt, StopGeneration, TokenSelected
 from inspector.screens.model_info import ModelInfoScreen
+from inspector.transcript import verify_step
 from inspector.widgets.reply import ReplyView, UserMessage
 from inspector.widgets.status_line import StatusLine
 from inspector.widgets.token_detail import TokenDetail
@@ -129,7 +130,8 @@ class ChatScreen(Screen[None]):
     def _show_token(self, event: TokenSelected) -> None:
         reply = self.kv_app.session.reply(event.request_id)
         if reply is not None and 0 <= event.index < len(reply.tokens):
-            self.query_one(TokenDetail).show(reply.tokens[event.index])
+            step = verify_step(reply.tokens, event.index)
+            self.query_one(TokenDetail).show(reply.tokens[event.index], step)
             self.add_class("-token-selected")
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:

@@ -1,4 +1,5 @@
-"""Transcript widgets: a user message, and a reply whose tokens carry their integrity verdict."""
+"""Transcript widgets: a user message, and a reply whose tokens carry their integrity verdict
+(colour) and their speculative draft status (text style, inspector/format.token_style)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Static
 
-from inspector.format import VERDICT_STYLE
+from inspector.format import token_style
 from inspector.messages import TokenSelected
 from inspector.transcript import Reply, Turn
 
@@ -57,9 +58,7 @@ class ReplyView(Widget, can_focus=True):
             body = tok.text
             word = body.lstrip()
             text.append(body[: len(body) - len(word)])
-            style = Style.parse(VERDICT_STYLE.get(tok.verdict.verdict, "")) + Style(
-                meta={"token": i}
-            )
+            style = token_style(tok.verdict) + Style(meta={"token": i})
             if i == self.cursor:
                 style += Style(reverse=True, bold=True)
                 word = word or "·"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from inspector.format import VERDICT_MARK, fmt_rate, fmt_secs
+from inspector.format import VERDICT_MARK, fmt_accept, fmt_rate, fmt_secs
 from inspector.transcript import Reply
 from runtime.telemetry import TIERS, EngineSnapshot
 
@@ -35,6 +35,9 @@ def status_text(snap: EngineSnapshot | None, reply: Reply | None, *, paused: boo
     out.append(" │ TTFT " + fmt_secs(info.ttft_s if info else None))
     cached = info.cached_tokens if info else {}
     out.append(" │ cached " + " ".join(f"{t} {cached.get(t, 0)}" for t in TIERS))
+    if info is not None and info.accept_length is not None:  # speculative decoding
+        length, rate = fmt_accept(info.accept_length, info.accept_rate)
+        out.append(f" │ accept {length} ({rate})")
     out.append(" │")
     counts = reply.verdict_counts()
     for verdict, mark in VERDICT_MARK.items():

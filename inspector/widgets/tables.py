@@ -9,7 +9,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from inspector.format import EVENT_STYLE, VERDICT_STYLE, fmt_secs
+from inspector.format import EVENT_STYLE, VERDICT_STYLE, fmt_accept, fmt_secs
 from inspector.messages import AbortRequest
 from runtime.telemetry import TIERS, IntegrityEvent, RequestInfo
 
@@ -25,8 +25,9 @@ class RequestsTable(DataTable):
         self._last: tuple[RequestInfo, ...] | None = None
 
     def on_mount(self) -> None:
+        # acc len / acc %: speculative accept length (tokens per verify step) and rate
         self.add_columns("request", "status", "prompt", "gen", *TIERS, "pages", "TTFT", "tok/s",
-                         "verdict")  # fmt: skip
+                         "acc len", "acc %", "verdict")  # fmt: skip
 
     def show(self, requests: tuple[RequestInfo, ...]) -> None:
         if requests == self._last:
@@ -44,6 +45,7 @@ class RequestsTable(DataTable):
                 r.pages,
                 fmt_secs(r.ttft_s),
                 "–" if r.tok_per_s is None else f"{r.tok_per_s:.1f}",
+                *fmt_accept(r.accept_length, r.accept_rate),
                 Text(r.verdict, VERDICT_STYLE.get(r.verdict, "")),
                 key=r.request_id,
             )
@@ -62,6 +64,8 @@ def event_counts(events: tuple[IntegrityEvent, ...]) -> Text:
     out.append(f"violations {violations}", "bold red" if violations else "green")
     out.append(f" · injected {kinds.get('inject', 0)}", "magenta")
     out.append(f" · recoveries {kinds.get('recovery', 0)}", "green")
+    if kinds.get("acceptance"):  # speculative acceptance detections (a kind of their own)
+        out.append(f" · acceptance {kinds['acceptance']}", EVENT_STYLE["acceptance"])
     detail = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()) if k not in EVENT_STYLE)
     if detail:
         out.append(f"  ({detail})", "dim")

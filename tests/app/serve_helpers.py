@@ -82,9 +82,10 @@ For each function call, output the function name and arguments within the follow
 {%- endif -%}"""
 
 
-def write_glm_checkpoint(out: Path) -> Path:
-    """Tiny random glm4_moe weights + the demo tokenizer + the GLM-4.5-format template."""
-    write_tiny(out, "glm4_moe", vocab_size=4096)
+def write_glm_checkpoint(out: Path, mtp: int = 0) -> Path:
+    """Tiny random glm4_moe weights (``mtp`` MTP layers) + the demo tokenizer + the
+    GLM-4.5-format template."""
+    write_tiny(out, "glm4_moe", vocab_size=4096, mtp=mtp)
     shutil.copy(DEMO / "tokenizer.json", out / "tokenizer.json")
     cfg = json.loads((DEMO / "tokenizer_config.json").read_text())
     cfg["chat_template"] = GLM45_TEMPLATE

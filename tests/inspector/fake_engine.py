@@ -3,8 +3,12 @@
 It produces words from a fixed list and simulates the KV bookkeeping the inspector draws: L1 page
 slots moving FREE -> WRITING -> READY -> CACHED (DRAINING on abort, LOADING on a hit in L2/L3),
 shared prefix pages (refcount > 1), write-through copies to L2 spilling into L3, evictions, and
-integrity verdicts/events drawn from a seeded RNG. Time is virtual (`step_time_s` per step), so
-every number it reports is reproducible. It models nothing about real inference.
+integrity verdicts/events drawn from a seeded RNG, and (with ``draft_tokens``) speculative
+decode steps: each emits the drafts a seeded RNG accepted, tagged "accepted", then the target's
+token tagged "target" with the step's rejected count; per-request accept length / rate in
+snapshots; the acceptance detector's "acceptance" events and suspect verdicts. Time is virtual
+(`step_time_s` per step), so every number it reports is reproducible. It models nothing about
+real inference.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runtime.telemetry import (
     EngineSnapshot,
@@ -88,6 +92,8 @@ class _Request:
     first_t: float | None = None
     last_t: float | None = None
     verdict: str = "ok"
+    spec: tuple[int, int, int] | None = None  # (verify steps, drafted, accepted)
+    accept_flagged: bool = False
 
 
 _VERDICT_RANK = {"ok": 0, "suspect": 1, "corrupt": 2}
@@ -116,6 +122,10 @@ class FakeEngine:
         ranks: int = 2,
         min_reply: int = 12,
         max_reply: int = 40,
+        draft_tokens: int = 0,
+        accept_p: float = 0.7,
+        accept_min_length: float = 1.4,
+        accept_after: int = 128,
     ) -> None:
         self.seed = seed
         self.page_size = page_size
@@ -127,6 +137,10 @@ class FakeEngine:
         self.corrupt_rate = corrupt_rate
         self.inject = inject
         self.min_reply, self.max_reply = min_reply, max_reply
+        # speculative decoding: k drafts a step, each accepted with probability accept_p while
+        # the previous ones were; the acceptance detector's length threshold and start
+        self.draft_tokens, self.accept_p = draft_tokens, accept_p
+        self.accept_min_length, self.accept_after = accept_min_length, accept_after
         self._caps = {"L1": l1_pages, "L2": l2_pages, "L3": l3_pages}
         self._lock = threading.Lock()
         self._clock = 0.0
@@ -224,6 +238,10 @@ class FakeEngine:
                         req.status = "decode"
                         events.append(self._emit(req))
                         decode += 1
+                elif req.status == "decode" and self.draft_tokens:
+                    got = self._verify_step(req)
+                    events += got
+                    decode += len(got)
                 elif req.status == "decode":
                     self._write_kv(req, 1)  # KV of the previous token
                     events.append(self._emit(req))
@@ -365,7 +383,7 @@ class FakeEngine:
                 page.key = keys[idx]
                 self._prefixes.setdefault(page.key, (req.written, _preview(req.ids)))
 
-    def _emit(self, req: _Request) -> TokenEvent:
+    def _emit(self, req: _Request, draft: str = "", rejected: int = 0) -> TokenEvent:
         index = req.generated
         rng = random.Random(f"{self.seed}:{req.rid}:{index}")
         word = rng.choice(WORDS)
@@ -378,6 +396,8 @@ class FakeEngine:
         req.last_t = self._clock
         self._tokens_total += 1
         verdict = self._verdict(req, index, rng)
+        if draft:
+            verdict = self._acceptance(req, replace(verdict, draft=draft, rejected=rejected))
         if _VERDICT_RANK[verdict.verdict] > _VERDICT_RANK[req.verdict]:
             req.verdict = verdict.verdict
         reason = None
@@ -389,6 +409,41 @@ class FakeEngine:
             req.status = "finished"
             self._release(req, aborted=False)
         return TokenEvent(req.rid, index, token_id, text, verdict, reason is not None, reason)
+
+    def _verify_step(self, req: _Request) -> list[TokenEvent]:
+        """One speculative decode step: the accepted drafts, then the target's token."""
+        k = self.draft_tokens
+        rng = random.Random(f"{self.seed}:{req.rid}:spec:{req.generated}")
+        accepted = 0
+        while accepted < k and rng.random() < self.accept_p:
+            accepted += 1
+        accepted = min(accepted, req.target_len - req.generated - 1)  # no drafts past the end
+        steps, drafted, acc = req.spec or (0, 0, 0)
+        req.spec = (steps + 1, drafted + k, acc + accepted)
+        tags = ["accepted"] * accepted + ["target"]
+        events = []
+        for i, tag in enumerate(tags):
+            self._write_kv(req, 1)
+            ev = self._emit(req, draft=tag, rejected=k - accepted if i == accepted else 0)
+            events.append(ev)
+            if ev.finished:
+                break
+        return events
+
+    def _acceptance(self, req: _Request, verdict: TokenVerdict) -> TokenVerdict:
+        """The acceptance detector: accept length below the threshold once judged."""
+        if req.spec is None or req.generated < self.accept_after:
+            return verdict
+        steps, _, accepted = req.spec
+        length = (accepted + steps) / steps
+        if length >= self.accept_min_length:
+            return verdict
+        why = f"accept length {length:.2f} < {self.accept_min_length} (garbled output?)"
+        if not req.accept_flagged:
+            req.accept_flagged = True
+            self._event(req.rid, "acceptance", why, ())
+        worst = verdict.verdict if verdict.verdict == "corrupt" else "suspect"
+        return replace(verdict, verdict=worst, reasons=(*verdict.reasons, "acceptance: " + why))
 
     def _verdict(self, req: _Request, index: int, rng: random.Random) -> TokenVerdict:
         pages = tuple(req.pages)
@@ -525,4 +580,6 @@ class FakeEngine:
             ttft_s=ttft,
             tok_per_s=rate,
             verdict=r.verdict,
+            accept_length=None if r.spec is None else round((r.spec[2] + r.spec[0]) / r.spec[0], 6),
+            accept_rate=None if r.spec is None else round(r.spec[2] / r.spec[1], 6),
         )
