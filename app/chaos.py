@@ -97,15 +97,31 @@ def _warm_cpu_graphs(model: str, cfg: EngineConfig, prompts, max_new: int, tmp: 
     e.close()
 
 
+def acceptance_thresholds(args) -> dict:
+    """The acceptance detector's IntegrityConfig fields for chaos runs: the --accept-* flags;
+    unless --accept-after is given, a request is judged from half its tokens on (chaos requests
+    are far shorter than the incident's 128 tokens)."""
+    from app.options import speculative_options
+
+    accept = speculative_options(args)["accept"]
+    if getattr(args, "accept_after", None) in (None, str(IntegrityConfig.accept_after_tokens)):
+        accept["accept_after_tokens"] = max(4, args.max_new_tokens // 2)
+    return accept
+
+
 def pressure_config(probe: Engine, args, prompts, kv_dir: str) -> EngineConfig:
     """L1 holds about half of what the running requests need; L2 a few requests' worth."""
     bpp = probe.pool.bytes_per_page
     longest = max(len(p) for p in prompts) + args.max_new_tokens
     per_req = -(-longest // args.page_size)
+    from app.options import speculative_options
+
     return EngineConfig(
         device=args.device,
         dtype=args.dtype,
         page_size=args.page_size,
+        speculative=speculative_options(args)["speculative"],
+        integrity=IntegrityConfig(**acceptance_thresholds(args)),
         kv_mem=max(per_req + 2, args.max_running * per_req // 2) * bpp,  # far below the need
         kv_host_mem=2 * per_req * bpp,
         kv_disk=kv_dir,
@@ -146,7 +162,7 @@ def chaos_report(args) -> dict:
             "decode_steps_cpu_graph": steps,
         }
         for kind, rate in kinds.items():
-            ic = IntegrityConfig(faults={kind: rate}, bypass_drain=args.bypass_drain)
+            ic = replace(base.integrity, faults={kind: rate}, bypass_drain=args.bypass_drain)
             cfg = replace(base, kv_disk=str(Path(tmp) / kind), integrity=ic, unsafe=args.unsafe)
             e, res, _ = _run(args.model, cfg, prompts, args.max_new_tokens)
             report["kinds"][kind] = kind_row(e, kind, res, ref, false_pos)

@@ -17,7 +17,6 @@ from app.cache_defaults import add_default_switches, apply_cache_defaults
 from app.options import (
     add_common,
     engine_config,
-    speculative_flag_given,
     speculative_options,
 )
 from runtime.errors import KvscopeError
@@ -200,11 +199,6 @@ def cmd_chaos(args) -> int:
     from app.chaos import cmd_chaos as run
 
     engine_config(args)  # validates the common flags with one-line errors
-    flag = speculative_flag_given(args)
-    if flag is not None:  # app/chaos.py builds its engines with the defaults
-        raise KvscopeError(
-            f"{flag}: not configurable in kvscope chaos yet (runs with the defaults)"
-        )
     return run(args)
 
 

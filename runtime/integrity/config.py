@@ -9,8 +9,9 @@ from runtime.errors import KvscopeError
 FAULT_KINDS = ("abort-reuse", "skip-fence", "host-bitflip", "disk-corrupt")
 # The detectors that can catch an injected fault, as `kvscope chaos` reports them (one column
 # each, in this order): epoch/owner checks and late-write acks, fence checks at the read, page
-# checksums (sampled re-hash, load-back verification, L3 file verification), shadow recompute.
-DETECTORS = ("epoch", "fence", "checksum", "shadow")
+# checksums (sampled re-hash, load-back verification, L3 file verification), shadow recompute,
+# and the speculative acceptance detector (runtime/integrity/acceptance.py; MTP models only).
+DETECTORS = ("epoch", "fence", "checksum", "shadow", "acceptance")
 DEFAULT_RATES = {"abort-reuse": 0.05, "skip-fence": 0.5, "host-bitflip": 0.05, "disk-corrupt": 0.2}
 
 

@@ -70,14 +70,16 @@ def test_bad_values_one_line_exit_2(tmp_path, capsys, tiny_glm4_mtp, flag, value
     assert code == 2 and flag in line and repr(value) in line
 
 
-def test_speculative_without_mtp_layers_and_in_chaos(tmp_path, capsys, tiny_glm4):
+def test_speculative_without_mtp_layers_and_bad_values(tmp_path, capsys, tiny_glm4):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt_ids": [3, 4]}\n')
     argv = ["batch", "--model", tiny_glm4, "--input", inp, "--output", tmp_path / "o"]
     code, line = _err(capsys, *argv, "--speculative", "2")
     assert code == 2 and "no MTP layers" in line and "--speculative" in line
-    code, line = _err(capsys, "chaos", "--model", tiny_glm4, "--speculative", "off")
-    assert code == 2 and "--speculative" in line and "chaos" in line
+    code, line = _err(capsys, "chaos", "--model", tiny_glm4, "--speculative", "2")
+    assert code == 2 and "no MTP layers" in line and "--speculative" in line
+    code, line = _err(capsys, "chaos", "--model", tiny_glm4, "--accept-max-rate", "2")
+    assert code == 2 and "--accept-max-rate" in line
     code, line = _err(capsys, *argv, "--layer-split", "2", "--speculative", "1")
     assert code == 2 and "--layer-split" in line
 
