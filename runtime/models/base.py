@@ -171,7 +171,13 @@ class CausalLM:
         if mtp and cfg.num_nextn_predict_layers > 0:
             from runtime.models.mtp import load_mtp_layer
 
-            self.mtp.append(load_mtp_layer(self, w, ckpt, cfg.num_layers))
+            try:
+                self.mtp.append(load_mtp_layer(self, w, ckpt, cfg.num_layers))
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"{e}; that is the MTP layer (speculative decoding): --speculative off "
+                    "leaves it unloaded"
+                ) from None
         extra = [k for k in ckpt.keys() if k.startswith("model.layers.")]
         unknown_layer = [
             k

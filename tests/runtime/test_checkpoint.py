@@ -35,14 +35,16 @@ def test_sharded_checkpoint_gives_same_tokens(tmp_path, tiny_dsa):
     assert a == b
 
 
-def test_mtp_layer_is_recognised_and_left_unloaded(tmp_path):
+def test_mtp_layer_is_recognised_and_checked_when_loaded(tmp_path):
     d = write_tiny(tmp_path, "glm_moe_dsa", num_nextn_predict_layers=1)
     tensors = load_file(str(d / "model.safetensors"))
     n = load_config(d).num_layers
     tensors[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(4, 4)
     tensors[f"model.layers.{n}.enorm.weight"] = torch.zeros(4)
     save_file(tensors, str(d / "model.safetensors"))
-    Engine(d, EngineConfig(device="cpu"))  # loads without error
+    Engine(d, EngineConfig(device="cpu", speculative=0))  # left unloaded: loads without error
+    with pytest.raises(CheckpointError, match="enorm.*--speculative off"):  # auto loads it
+        Engine(d, EngineConfig(device="cpu"))
     raw = json.loads((d / "config.json").read_text())
     raw["num_nextn_predict_layers"] = 0
     (d / "config.json").write_text(json.dumps(raw))
