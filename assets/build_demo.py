@@ -284,6 +284,53 @@ def make_config(vocab_size: int):
     )
 
 
+def _glm5():
+    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as mod
+
+    return mod
+
+
+def dense_attention_probs(attn, h, cos_sin) -> torch.Tensor:
+    """Head-averaged causal softmax of the main MLA attention over all keys: [B, S, S]."""
+    b, s, _ = h.shape
+    q_resid = attn.q_a_layernorm(attn.q_a_proj(h))
+    q = attn.q_b_proj(q_resid).view(b, s, -1, attn.qk_head_dim).transpose(1, 2)
+    q_pass, q_rot = torch.split(q, [attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
+    ckv = attn.kv_a_proj_with_mqa(h)
+    kv_pass, k_rot = torch.split(ckv, [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
+    k_pass = attn.kv_a_layernorm(kv_pass).view(b, 1, s, attn.kv_lora_rank)
+    k_rot = k_rot.view(b, 1, s, attn.qk_rope_head_dim)
+    cos, sin = cos_sin
+    q_rot, k_rot = _glm5().apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
+    key, _ = attn.expand_kv(k_pass, k_rot)
+    logits = torch.cat((q_pass, q_rot), dim=-1) @ key.transpose(-1, -2) * attn.scaling
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    logits = logits.masked_fill(~causal, float("-inf"))
+    return logits.float().softmax(-1).mean(1)
+
+
+def indexer_logprobs(attn, h, cos_sin):
+    """The indexer's scores exactly as GlmMoeDsaIndexer computes them, but with grad."""
+    idx = attn.indexer
+    b, s, _ = h.shape
+    with torch.no_grad():
+        q_resid = attn.q_a_layernorm(attn.q_a_proj(h))
+    q = idx.wq_b(q_resid).view(b, s, idx.n_heads, idx.head_dim)
+    rope, rest = idx.qk_rope_head_dim, idx.head_dim - idx.qk_rope_head_dim
+    q_rot, q_pass = torch.split(q, [rope, rest], dim=-1)
+    k = idx.k_norm(idx.wk(h)).unsqueeze(2)
+    k_rot, k_pass = torch.split(k, [rope, rest], dim=-1)
+    cos, sin = cos_sin
+    q_rot, k_rot = _glm5().apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+    q = torch.cat([q_rot, q_pass], dim=-1)
+    k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
+    scores = F.relu(q.float() @ k.transpose(-1, -2).float().unsqueeze(1) * idx.softmax_scale)
+    weights = idx.weights_proj(h).float() * (idx.n_heads**-0.5)
+    index_scores = (weights.unsqueeze(-2) @ scores).squeeze(-2)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return index_scores.masked_fill(~causal, float("-inf")).log_softmax(-1), causal
+
+
 class Instrumentation:
     """Forward hooks: router load (for bias balancing) and DSA indexer distillation inputs."""
 
@@ -351,45 +398,10 @@ class Instrumentation:
             router.e_score_correction_bias += rate * torch.sign(load.mean() - load)
 
     def _dense_probs(self, attn, h, cos_sin) -> torch.Tensor:
-        """Head-averaged causal softmax of the main MLA attention over all keys: [B, S, S]."""
-        b, s, _ = h.shape
-        q_resid = attn.q_a_layernorm(attn.q_a_proj(h))
-        q = attn.q_b_proj(q_resid).view(b, s, -1, attn.qk_head_dim).transpose(1, 2)
-        q_pass, q_rot = torch.split(q, [attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
-        ckv = attn.kv_a_proj_with_mqa(h)
-        kv_pass, k_rot = torch.split(ckv, [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
-        k_pass = attn.kv_a_layernorm(kv_pass).view(b, 1, s, attn.kv_lora_rank)
-        k_rot = k_rot.view(b, 1, s, attn.qk_rope_head_dim)
-        cos, sin = cos_sin
-        q_rot, k_rot = self.mod.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
-        key, _ = attn.expand_kv(k_pass, k_rot)
-        logits = torch.cat((q_pass, q_rot), dim=-1) @ key.transpose(-1, -2) * attn.scaling
-        causal = torch.ones(s, s, dtype=torch.bool).tril()
-        logits = logits.masked_fill(~causal, float("-inf"))
-        return logits.float().softmax(-1).mean(1)
+        return dense_attention_probs(attn, h, cos_sin)
 
     def _index_logprobs(self, attn, h, cos_sin) -> torch.Tensor:
-        """The indexer's scores exactly as GlmMoeDsaIndexer computes them, but with grad."""
-        idx = attn.indexer
-        b, s, _ = h.shape
-        with torch.no_grad():
-            q_resid = attn.q_a_layernorm(attn.q_a_proj(h))
-        q = idx.wq_b(q_resid).view(b, s, idx.n_heads, idx.head_dim)
-        rope, rest = idx.qk_rope_head_dim, idx.head_dim - idx.qk_rope_head_dim
-        q_rot, q_pass = torch.split(q, [rope, rest], dim=-1)
-        k = idx.k_norm(idx.wk(h)).unsqueeze(2)
-        k_rot, k_pass = torch.split(k, [rope, rest], dim=-1)
-        cos, sin = cos_sin
-        q_rot, k_rot = self.mod.apply_rotary_pos_emb_interleave(
-            q_rot, k_rot, cos, sin, unsqueeze_dim=2
-        )
-        q = torch.cat([q_rot, q_pass], dim=-1)
-        k = torch.cat([k_rot, k_pass], dim=-1).squeeze(2)
-        scores = F.relu(q.float() @ k.transpose(-1, -2).float().unsqueeze(1) * idx.softmax_scale)
-        weights = idx.weights_proj(h).float() * (idx.n_heads**-0.5)
-        index_scores = (weights.unsqueeze(-2) @ scores).squeeze(-2)
-        causal = torch.ones(s, s, dtype=torch.bool).tril()
-        return index_scores.masked_fill(~causal, float("-inf")).log_softmax(-1), causal
+        return indexer_logprobs(attn, h, cos_sin)
 
     def indexer_kl(self, rows: int) -> torch.Tensor:
         """KL(main attention || indexer) per full layer, DeepSeek-V3.2 style.
@@ -546,6 +558,302 @@ def expert_load(model, inst: Instrumentation, ids: list[int], window: int, n: in
     return [c.tolist() for c in inst.counts]
 
 
+def training_batches(train_ids: list[list[int]], seq_len: int, batch_size: int, seed: int):
+    """(epoch, [batch_size, seq_len] ids) forever: each epoch the documents are shuffled (seeded),
+    joined with EOS after each one and cut into consecutive seq_len windows."""
+    data_rng = random.Random(seed + 1)
+    epoch = 0
+    while True:
+        order = list(range(len(train_ids)))
+        data_rng.shuffle(order)
+        stream: list[int] = []
+        for i in order:
+            stream.extend(train_ids[i])
+            stream.append(EOS)
+        n = len(stream) // seq_len
+        seqs = torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield epoch, seqs[i : i + batch_size]
+        epoch += 1
+
+
+# --------------------------------------------------------------------------------------------
+# MTP layer (--mtp-only)
+# --------------------------------------------------------------------------------------------
+
+MTP_STEPS, MTP_LR, MTP_DENSE, MTP_DISTILL = 500, 3e-3, 60, 1.0
+MTP_SIM_PROMPTS, MTP_SIM_PROMPT_LEN, MTP_SIM_NEW = 16, 48, 96  # simulated greedy decoding
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def train_mtp(args) -> int:
+    """Train one MTP layer on the frozen model in args.out and add it to the checkpoint.
+
+    Same corpus, tokenizer (read from args.out) and training stream as the main build; the main
+    tensors are written back bit-identical (asserted). Loss: cross-entropy of logits_q against
+    t_{q+1} for q >= 1, plus the DSA indexer KL and the router balancing of the main build."""
+    import transformers
+    from demo_mtp import (
+        MtpBlock,
+        evaluate,
+        greedy_speculation,
+        init_from_main,
+        load_published,
+        main_hidden,
+        published_tensors,
+    )
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+    from transformers import GlmMoeDsaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    out = args.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    docs = collect_corpus()
+    corpus_sha = hashlib.sha256("\x00".join(d["text"] for d in docs).encode()).hexdigest()
+    if corpus_sha != metrics["corpus"]["sha256"]:
+        sys.exit(
+            f"build_demo: the corpus of this CPython (sha256 {corpus_sha[:12]}) is not the one "
+            f"{out} was trained on ({metrics['corpus']['sha256'][:12]}); run with CPython "
+            f"{metrics['train']['python']}"
+        )
+    train_docs = [d for d in docs if not is_heldout(d["text"])]
+    heldout_text = SEPARATOR.join(d["text"] for d in docs if is_heldout(d["text"]))
+    chats = chat_examples(train_docs, random.Random(args.seed), args.chat_examples)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    train_ids = [e.ids for e in tok.encode_batch([d["text"] for d in train_docs] + chats)]
+    held_ids = tok.encode(heldout_text).ids
+    assert len(held_ids) == metrics["heldout_tokens"], "held-out text differs from the record"
+    num_windows = len(held_ids) // args.eval_window
+
+    ckpt = out / "model.safetensors"
+    before = load_file(str(ckpt))
+    main = GlmMoeDsaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    main.requires_grad_(False)
+    config = main.config
+    n = config.num_hidden_layers
+    main_tensors = {k: v for k, v in before.items() if (_layer_of(k) or 0) < n}
+    dropped = sorted(set(before) - set(main_tensors))
+    log(f"main: {len(main_tensors)} tensors kept; {len(dropped)} old MTP tensors dropped")
+    mtp = MtpBlock(config)
+    init = init_from_main(mtp, main)  # (transformers leaves the packed experts uninitialised)
+    n_params = sum(p.numel() for p in mtp.parameters())
+    log(f"MTP layer {n}: {n_params / 1e6:.2f}M parameters, init from {init}")
+    attn, router = mtp.layer.self_attn, mtp.layer.mlp.gate
+    counts = torch.zeros(router.num_experts, dtype=torch.long)
+    router_out: list = []
+
+    def router_hook(module, inputs, output):
+        counts.add_(torch.bincount(output[2].flatten(), minlength=module.num_experts))
+        if mtp.training:
+            router_out.append(output)
+
+    router.register_forward_hook(router_hook)
+    params = [p for p in mtp.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=args.mtp_lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.mtp_warmup:
+            return args.mtp_lr * (step + 1) / args.mtp_warmup
+        progress = (step - args.mtp_warmup) / max(1, args.mtp_steps - args.mtp_warmup)
+        return args.mtp_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    stream = training_batches(train_ids, args.seq_len, args.batch_size, args.seed)
+    history: list[dict] = []
+    run_ce = run_kl = 0.0
+    log_every, stopped_early, step = 25, False, 0
+    train_start, cpu_start = time.time(), time.process_time()
+    mtp.train()
+    for step in range(args.mtp_steps):
+        if (time.process_time() - cpu_start) / 60 > args.mtp_max_minutes:
+            stopped_early = True
+            log(f"time budget reached at step {step}")
+            break
+        attn.indexer.index_topk = args.seq_len if step < args.mtp_dense_steps else config.index_topk
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        _, x = next(stream)
+        hidden = main_hidden(main, x)
+        logits, _, xin, (cos, sin) = mtp(main, x, hidden)
+        flat = logits[:, 1:-1].reshape(-1, logits.shape[-1])  # q = 1 .. T-2 -> t_{q+1}
+        ce = F.cross_entropy(flat, x[:, 2:].reshape(-1))
+        loss = ce
+        if args.mtp_distill:  # the main model's own distribution over t_{q+1} (its logits at q)
+            with torch.no_grad():
+                teacher = main.lm_head(hidden[:, 1:-1]).reshape(-1, flat.shape[-1])
+                teacher = teacher.log_softmax(-1)
+            distill = F.kl_div(
+                flat.log_softmax(-1), teacher, log_target=True, reduction="batchmean"
+            )
+            loss = (1 - args.mtp_distill) * ce + args.mtp_distill * distill
+        # DSA indexer KL (as in the main build): target = this layer's dense attention
+        r = args.kl_rows
+        h_in = mtp.layer.input_layernorm(xin[:r]).detach()
+        with torch.no_grad():
+            target = dense_attention_probs(attn, h_in, (cos[:r], sin[:r]))
+        logq, causal = indexer_logprobs(attn, h_in, (cos[:r], sin[:r]))
+        logq = logq.masked_fill(~causal, 0.0)
+        kl = (torch.xlogy(target, target) - target * logq).sum(-1).mean()
+        bal = torch.zeros(())
+        for router_logits, _, topk in router_out:
+            ne = router_logits.shape[-1]
+            scores = router_logits.sigmoid()
+            p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+            f = torch.bincount(topk.flatten(), minlength=ne).float() * ne / topk.numel()
+            bal = bal + (f.detach() * p).sum()
+        router_out.clear()
+        (loss + kl + args.balance_alpha * bal).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # aux-loss-free balancing
+            load = counts.float()
+            router.e_score_correction_bias += args.bias_rate * torch.sign(load.mean() - load)
+        counts.zero_()
+        run_ce += ce.item()
+        run_kl += kl.item()
+        if (step + 1) % log_every == 0:
+            elapsed = time.time() - train_start
+            log(
+                f"mtp step {step + 1}/{args.mtp_steps} ce {run_ce / log_every:.3f} "
+                f"kl {run_kl / log_every:.3f} lr {lr_at(step):.2e} {elapsed:.0f}s"
+            )
+            history.append({"step": step + 1, "ce": run_ce / log_every, "kl": run_kl / log_every})
+            run_ce = run_kl = 0.0
+        if args.mtp_eval_every and (step + 1) % args.mtp_eval_every == 0:
+            mtp.eval()
+            topk = attn.indexer.index_topk
+            attn.indexer.index_topk = config.index_topk
+            m = evaluate(main, mtp, held_ids, args.eval_window, min(16, num_windows))
+            attn.indexer.index_topk = topk
+            mtp.train()
+            counts.zero_()
+            log(
+                f"  eval (16 windows): agree main {m['top1_agree_main_greedy']:.4f} "
+                f"true {m['top1_agree_true_next']:.4f} loss {m['loss_true_next']:.3f}"
+            )
+            history[-1]["eval16"] = m
+    steps_done = step if stopped_early else step + 1
+    train_seconds = time.time() - train_start
+    train_cpu_seconds = time.process_time() - cpu_start
+    attn.indexer.index_topk = config.index_topk
+    mtp.eval()
+    log(
+        f"trained the MTP layer {steps_done} steps in {train_seconds:.0f}s "
+        f"({train_cpu_seconds:.0f}s of CPU)"
+    )
+
+    # Export: the main tensors exactly as they were, plus layer n.
+    new = published_tensors(mtp, config.n_routed_experts, config.moe_intermediate_size)
+    save_file({**main_tensors, **new}, str(ckpt), {"format": "pt"})
+    ckpt.chmod(0o644)
+    raw_config = json.loads((out / "config.json").read_text())
+    raw_config["num_nextn_predict_layers"] = 1
+    (out / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True) + "\n")
+
+    # Checks on what was written, then the metrics from the reloaded files.
+    after = load_file(str(ckpt))
+    assert set(after) == set(main_tensors) | set(new)
+    for k, v in main_tensors.items():
+        assert torch.equal(after[k], v), f"main tensor {k} changed"
+    reloaded, info = GlmMoeDsaForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
+    reloaded.eval()
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert {_layer_of(k) for k in info["unexpected_keys"]} == {n}, info["unexpected_keys"]
+    xw = torch.tensor(held_ids[: 2 * args.eval_window]).view(2, args.eval_window)
+    with torch.no_grad():
+        assert torch.equal(main(input_ids=xw).logits, reloaded(input_ids=xw).logits)
+    mtp2 = MtpBlock(reloaded.config)
+    load_published(mtp2, after, config.n_routed_experts)
+    mtp2.eval()
+    for k, v in mtp.state_dict().items():
+        assert torch.equal(mtp2.state_dict()[k], v), k
+    m = evaluate(reloaded, mtp2, held_ids, args.eval_window, num_windows)
+    log(
+        f"MTP held-out: agree with main greedy {m['top1_agree_main_greedy']:.4f}, with the true "
+        f"next token {m['top1_agree_true_next']:.4f} (main's own top-1 "
+        f"{m['main_top1_true_next']:.4f}), loss {m['loss_true_next']:.4f}"
+    )
+    starts = range(0, num_windows, max(1, num_windows // MTP_SIM_PROMPTS))[:MTP_SIM_PROMPTS]
+    prompts = [held_ids[i * args.eval_window :][:MTP_SIM_PROMPT_LEN] for i in starts]
+    sim = greedy_speculation(reloaded, mtp2, prompts, MTP_SIM_NEW, [EOS, USER])
+    log(
+        f"simulated greedy decoding, 1 draft token: accept length {sim['accept_length']:.3f} "
+        f"({sim['verify_steps']} verify steps over {len(prompts)} prompts)"
+    )
+    metrics["mtp"] = {
+        "layer": n,
+        "accept_length_greedy_1": round(1 + m["top1_agree_main_greedy"], 4),
+        "greedy_decode_sim": {
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in sim.items()},
+            "procedure": (
+                f"first {MTP_SIM_PROMPT_LEN} tokens of {len(prompts)} evenly spaced held-out "
+                f"windows as prompts, {MTP_SIM_NEW} greedy tokens each (generate, stopping at "
+                "<|endoftext|>/<|user|>); a draft made at q is accepted iff it equals the "
+                "generated token at q+1; accept_length = generated tokens / verify steps"
+            ),
+        },
+        "top1_agree_main_greedy": round(m["top1_agree_main_greedy"], 6),
+        "top1_agree_true_next": round(m["top1_agree_true_next"], 6),
+        "main_top1_true_next": round(m["main_top1_true_next"], 6),
+        "loss_true_next": round(m["loss_true_next"], 6),
+        "positions": m["positions"],
+        "procedure": (
+            "the held-out windows of val_loss, teacher-forced: for q = 1 .. window-2 of each "
+            "window the MTP's logits_q (e = embed(t_q), g = the main model's post-final-norm "
+            "hidden state at q-1, zeros at q = 0) are compared with t_{q+1} and with the main "
+            "model's greedy token at q+1 (argmax of its logits at q); float32, the layer's own "
+            "top-k DSA selection; accept_length_greedy_1 = 1 + top1_agree_main_greedy, the "
+            "tokens per verify step of greedy speculative decoding with one drafted token"
+        ),
+        "parameters": n_params,
+        "init": init,
+        "train": {
+            "steps": steps_done,
+            "planned_steps": args.mtp_steps,
+            "stopped_early": stopped_early,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "lr": args.mtp_lr,
+            "warmup": args.mtp_warmup,
+            "dense_steps": args.mtp_dense_steps,
+            "distill": args.mtp_distill,
+            "tokens_seen": steps_done * args.batch_size * args.seq_len,
+            "seconds": round(train_seconds, 1),
+            "cpu_seconds": round(train_cpu_seconds, 1),
+            "build_seconds": round(time.time() - t0, 1),
+            "threads": args.threads,
+            "hardware": cpu_name(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+            "history": history,
+        },
+    }
+    metrics["safetensors_bytes"] = ckpt.stat().st_size
+    metrics["num_tensors"] = len(after)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"wrote {len(new)} MTP tensors; model.safetensors {ckpt.stat().st_size} bytes")
+    log(f"done in {time.time() - t0:.0f}s")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -577,6 +885,24 @@ def parse_args(argv=None):
     p.add_argument("--sample-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is steadiest on a shared 2-core box")
+    m = p.add_argument_group("MTP layer (--mtp-only: train one on top of the model in --out)")
+    m.add_argument("--mtp-only", action="store_true", help="keep the main weights, add the MTP")
+    m.add_argument("--mtp-steps", type=int, default=MTP_STEPS, help="optimizer steps")
+    m.add_argument("--mtp-lr", type=float, default=MTP_LR)
+    m.add_argument("--mtp-warmup", type=int, default=20)
+    m.add_argument(
+        "--mtp-dense-steps", type=int, default=MTP_DENSE, help="steps with dense attention"
+    )
+    m.add_argument(
+        "--mtp-max-minutes", type=float, default=12.0, help="stop training early past this"
+    )
+    m.add_argument("--mtp-eval-every", type=int, default=100)
+    m.add_argument(
+        "--mtp-distill",
+        type=float,
+        default=MTP_DISTILL,
+        help="weight a of KL(main || MTP) in the loss (1-a)*CE(t_{q+1}) + a*KL",
+    )
     p.add_argument("--raw", type=Path, help="save the trained weights here (torch.save) ...")
     p.add_argument("--resume-raw", action="store_true", help="... or load them and skip training")
     return p.parse_args(argv)
@@ -598,6 +924,8 @@ def log(msg: str):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.mtp_only:
+        return train_mtp(args)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -646,27 +974,10 @@ def main(argv=None):
         progress = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-    data_rng = random.Random(args.seed + 1)
-
-    def batches():
-        epoch = 0
-        while True:
-            order = list(range(len(train_ids)))
-            data_rng.shuffle(order)
-            stream: list[int] = []
-            for i in order:
-                stream.extend(train_ids[i])
-                stream.append(EOS)
-            n = len(stream) // args.seq_len
-            seqs = torch.tensor(stream[: n * args.seq_len]).view(n, args.seq_len)
-            for i in range(0, n - args.batch_size + 1, args.batch_size):
-                yield epoch, seqs[i : i + args.batch_size]
-            epoch += 1
-
     log_every = 25
     history: list[dict] = []
     train_start = time.time()
-    stream = batches()
+    stream = training_batches(train_ids, args.seq_len, args.batch_size, args.seed)
     model.train()
     step = 0
     stopped_early = False
@@ -805,4 +1116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
