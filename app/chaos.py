@@ -121,6 +121,7 @@ def pressure_config(probe: Engine, args, prompts, kv_dir: str) -> EngineConfig:
         dtype=args.dtype,
         page_size=args.page_size,
         speculative=speculative_options(args)["speculative"],
+        cpu_graph=args.cpu_graph,
         integrity=IntegrityConfig(**acceptance_thresholds(args)),
         kv_mem=max(per_req + 2, args.max_running * per_req // 2) * bpp,  # far below the need
         kv_host_mem=2 * per_req * bpp,
