@@ -50,10 +50,16 @@ Invariants kept as in the eager path:
   at the tokens' own rows (pages this step is the registered writer of) right after it, before
   commit acks the write.
 
-Eligible: CPU model with plain weights (``base.graph_safe``: no quantized or offloaded
-experts), not on the Triton interpreter, every sequence decoding one token, last-token logits.
-Anything else runs the eager forward. EngineConfig.cpu_graph ("auto" | "off") or
-``KVSCOPE_CPU_GRAPH=0`` turns it off.
+Quantized weights (--quant int8 / int4 on the CPU: runtime/weights/quant_cpu.py's packed
+objects, routed experts as [E, ...] stacks) are traced like any weight: their tensors are inputs
+(never frozen), their calls are torch's packed weight-only kernels, and the routed experts are
+indexed by ids read inside the graph (decode_step.routed_packed_decode). The library key carries
+a digest of the weight layout, so another --quant of the same checkpoint compiles its own.
+
+Eligible: CPU model with plain or packed CPU weights (``base.graph_safe``: no offloaded experts,
+no bitsandbytes / portable int4 weights), not on the Triton interpreter, every sequence decoding
+one token, last-token logits. Anything else runs the eager forward. EngineConfig.cpu_graph
+("auto" | "off") or ``KVSCOPE_CPU_GRAPH=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
+import hashlib
 import os
 import sys
 import tempfile
@@ -89,7 +96,14 @@ if TYPE_CHECKING:
 # bucket, prepacked for Inductor's C++ GEMMs); larger ones take the weights as inputs.
 FROZEN_MAX_BYTES = int(os.environ.get("KVSCOPE_CPU_GRAPH_FROZEN_MAX", 256 << 20))
 FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-QUIET = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# emulate_precision_casts: fused bf16 elementwise code rounds each op's result to bf16 as eager
+# torch does (not one rounding per fused loop), so bf16 greedy tokens match the eager path's
+# (without it a tiny bf16 int8 model diverged from eager after 8 tokens).
+QUIET = {
+    "emulate_precision_casts": True,
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
 # Deprecation notices torch's own export / autotune code raises while compiling a bucket in the
 # background; they say nothing about kvscope and would land in the middle of a TUI or a report.
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
@@ -156,9 +170,11 @@ def bucket_of(batch: int, max_end: int) -> tuple[int, int] | None:
 
 def _container(v) -> bool:
     """Objects of the model tree that may hold weights: lists (of layers), our mutable
-    dataclasses (layers, attention, MoE, ...) and the RoPE tables. Frozen configs are shared."""
-    if isinstance(v, list | RotaryTables):
-        return True
+    dataclasses (layers, attention, MoE, ...), the RoPE tables and packed quantized weights
+    (their tensors become inputs of the compiled step like any weight). Frozen configs are
+    shared."""
+    if isinstance(v, list | RotaryTables) or getattr(type(v), "graph_safe", False):
+        return True  # graph_safe: packed CPU weight objects (runtime/weights/quant_cpu.py)
     return (
         dataclasses.is_dataclass(v)
         and not isinstance(v, type)
@@ -245,11 +261,25 @@ def _values_digest(weights: list[torch.Tensor]) -> tuple:
     )
 
 
+def _format_digest(slots: list[tuple], weights: list[torch.Tensor]) -> str:
+    """Digest of the weight layout a library was traced over: per slot the owning object's
+    type, the attribute, the tensor's shape, dtype and strides (bf16 vs int8 vs int4 tiles,
+    stacked experts vs per-expert lists, padded K, ...)."""
+    h = hashlib.sha256()
+    for obj, name, i in slots:
+        w = weights[i]
+        h.update(f"{type(obj).__qualname__}.{name}:{i}:{tuple(w.shape)}:{w.dtype}:".encode())
+        h.update(f"{w.stride()};".encode())
+    return h.hexdigest()[:24]
+
+
 class _CompiledStep:
     """One bucket's AOTInductor-compiled step. Called as ready steps are (step, input_ids,
     positions, ctx_rows, planes) -> (logits, rows by name); ``step`` is unused. Runs the loaded
     C++ model directly (no guards, no Python wrapper per kernel); the model's weight tensors are
     passed as inputs on every call (nothing is copied)."""
+
+    package_bytes = 0  # size of the compiled package (the .so with any embedded constants)
 
     def __init__(self, runner, plane_names: list[str], row_names: list[str], weights):
         self.runner, self.loader = runner, runner.loader  # the runner keeps the library loaded
@@ -280,13 +310,21 @@ class CpuDecodeGraph:
         self.steps_eager = 0  # eligible decode steps that ran eagerly (bucket still compiling)
         self._stored = stored_layers(model)
         self._planes = {n: t.flatten(1, 2) for n, t in pool.planes.items()}  # [L, rows, *tail]
-        weights = _skeleton(model)[1] if self.enabled else []
-        self.frozen = sum(w.numel() * w.element_size() for w in weights) <= FROZEN_MAX_BYTES
+        _, weights, slots = _skeleton(model) if self.enabled else (None, [], [])
+        # Packed quantized weights are never frozen in (Inductor would fold and copy them):
+        # their tensors are always inputs, so the library holds no copy of them.
+        packed = any(getattr(type(obj), "graph_safe", False) for obj, _, _ in slots)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        self.frozen = not packed and nbytes <= FROZEN_MAX_BYTES
         self._weights = [] if self.frozen else weights
         shapes = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in self._planes.items())
         # A frozen library holds the weights' values: the key carries a digest of them.
         values = _values_digest(weights) if self.frozen and model_key else ()
-        self._key = (model_key, self.frozen, shapes, values) if model_key else None
+        # The engine's model_key names checkpoint, dtype and page size, not the weight format
+        # (--quant): the key also carries every weight slot's owner type, name, shape and dtype,
+        # so a model loaded in another format (or repacked differently) never reuses a library.
+        fmt = _format_digest(slots, weights)
+        self._key = (model_key, fmt, self.frozen, shapes, values) if model_key else None
         self._layer_ids = {n: torch.tensor(ls, dtype=torch.long) for n, ls in self._stored.items()}
         self._ready: dict[tuple[int, int], object] = {}  # bucket -> compiled callable
         self._queue: list[tuple[int, int]] = []
@@ -325,7 +363,9 @@ class CpuDecodeGraph:
             with inductor.config.patch(opts):
                 inductor.aoti_compile_and_package(program, package_path=path)
             runner = inductor.aoti_load_package(path)
+            package_bytes = os.path.getsize(path)  # code + whatever constants it embeds
         fn = _CompiledStep(runner, plane_names, row_names, weights)
+        fn.package_bytes = package_bytes
         with torch.inference_mode():
             fn(None, ids, pos, ctx_rows, self._planes)
         return fn

@@ -75,6 +75,52 @@ def routed_decode(
     return (out * dense_w.t().unsqueeze(-1)).to(x.dtype).sum(dim=0)
 
 
+def routed_packed_decode(gu, dn, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+    """Routed experts held as packed CPU stacks (runtime/weights/quant_cpu.py; gu [E] x [2I, D],
+    dn [E] x [D, I]) for a few tokens: x [B, D], weights / ids [B, K] -> [B, D].
+
+    While B*K < E, each (token, selected expert) pair runs the packed GEMV kernels on expert
+    ids read inside the graph (``.item()``: on the CPU a plain memory read, no device sync), so
+    only the selected experts' bytes are read, in place (``gu[e]`` is a view of the stack).
+    Once B*K >= E (the pairs would read about every expert anyway) every expert runs once on
+    all B tokens and the routing weights (zero for unselected experts) combine them."""
+    b, k = ids.shape
+    e, i = len(gu), gu.shape[0] // 2
+    if b * k >= e:
+        outs = []
+        for ex in range(e):
+            h = gu[ex](x)  # [B, 2I]
+            outs.append(dn[ex](F.silu(h[:, :i]) * h[:, i:]))
+        out = torch.stack(outs)  # [E, B, D]
+        dense_w = torch.zeros((b, e), dtype=weights.dtype, device=x.device)
+        dense_w = dense_w.scatter(1, ids, weights)  # [B, E]
+        return _sum_in_order((out * dense_w.t().unsqueeze(-1)).to(x.dtype))  # zeros add exactly
+    rows = []
+    for t in range(b):
+        xt = x[t : t + 1]  # [1, D]
+        for j in range(k):
+            ex = ids[t, j].item()
+            torch._check(ex >= 0)
+            torch._check(ex < e)
+            h = gu[ex](xt)  # [1, 2I]
+            rows.append(dn[ex](F.silu(h[:, :i]) * h[:, i:]))  # [1, D]
+    out = torch.cat(rows).view(b, k, -1)  # [B, K, D]
+    contrib = (out * weights.unsqueeze(-1)).to(x.dtype)  # fp32 weights as the reference
+    order = ids.argsort(dim=1)  # each token's experts in ascending id, as the eager loop adds
+    contrib = contrib.gather(1, order.unsqueeze(-1).expand_as(contrib))
+    return _sum_in_order(contrib.transpose(0, 1))
+
+
+def _sum_in_order(parts: torch.Tensor) -> torch.Tensor:
+    """parts [P, B, D] -> [B, D], added one by one in the parts' dtype (a rounding per add), as
+    layers.Experts._loop's index_add_ accumulates experts in ascending id: in bf16 the compiled
+    step then emits the eager path's tokens (one fp32 reduction rounds differently)."""
+    y = parts[0]
+    for p in range(1, parts.shape[0]):
+        y = y + parts[p]
+    return y
+
+
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The MoE block of a decode step as GatheredDecodeStep runs it (x [B, D] -> [B, D])."""
     return moe(x, GatheredDecodeStep)
@@ -145,6 +191,9 @@ class GatheredDecodeStep(TorchOps):
 
     @staticmethod
     def experts(experts, x, weights, ids):
+        packed = experts.packed_stacks()
+        if packed is not None:  # int8 / int4 stacks on the CPU
+            return routed_packed_decode(*packed, x, weights, ids)
         return routed_decode(experts, x, weights, ids)
 
     def last_rows(self, h):
@@ -182,5 +231,6 @@ __all__ = [
     "gather_context",
     "moe_decode",
     "routed_decode",
+    "routed_packed_decode",
     "stored_layers",
 ]
