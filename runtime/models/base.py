@@ -42,7 +42,7 @@ class WeightReader:
         self.quant = plan.quant if plan is not None else "none"
         self.keep_fp8 = plan.keep_fp8 if plan is not None else False
         self.fp8_block = plan.fp8_block if plan is not None else fp8.block_size(ckpt.dir)
-        self.pack = plan is not None and plan.pack_bf16  # oneDNN-packed bf16 (dense_cpu.py)
+        self.pack = getattr(plan, "pack_bf16", False)  # oneDNN-packed bf16 (dense_cpu.py)
 
     def _fp8_scale(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
         if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):

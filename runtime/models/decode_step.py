@@ -79,22 +79,14 @@ def routed_packed_decode(gu, dn, x: torch.Tensor, weights: torch.Tensor, ids: to
     """Routed experts held as packed CPU stacks (runtime/weights/quant_cpu.py; gu [E] x [2I, D],
     dn [E] x [D, I]) for a few tokens: x [B, D], weights / ids [B, K] -> [B, D].
 
-    While B*K < E, each (token, selected expert) pair runs the packed GEMV kernels on expert
-    ids read inside the graph (``.item()``: on the CPU a plain memory read, no device sync), so
-    only the selected experts' bytes are read, in place (``gu[e]`` is a view of the stack).
-    Once B*K >= E (the pairs would read about every expert anyway) every expert runs once on
-    all B tokens and the routing weights (zero for unselected experts) combine them."""
+    Each (token, selected expert) pair runs the packed GEMV kernels on an expert id read inside
+    the graph (``.item()``: on the CPU a plain memory read, no device sync), so only the selected
+    experts' bytes are read, in place (``gu[e]`` is a view of the stack). No "every expert on
+    every token" branch as routed_decode has: torch's packed int8 / int4 kernels cost ~3-10x
+    more per call at 8 rows than at 1 (measured, docs/performance.md), so B*K one-row calls beat
+    E eight-row calls at every batch the buckets serve."""
     b, k = ids.shape
     e, i = len(gu), gu.shape[0] // 2
-    if b * k >= e:
-        outs = []
-        for ex in range(e):
-            h = gu[ex](x)  # [B, 2I]
-            outs.append(dn[ex](F.silu(h[:, :i]) * h[:, i:]))
-        out = torch.stack(outs)  # [E, B, D]
-        dense_w = torch.zeros((b, e), dtype=weights.dtype, device=x.device)
-        dense_w = dense_w.scatter(1, ids, weights)  # [B, E]
-        return _sum_in_order((out * dense_w.t().unsqueeze(-1)).to(x.dtype))  # zeros add exactly
     rows = []
     for t in range(b):
         xt = x[t : t + 1]  # [1, D]
