@@ -21,7 +21,12 @@ dropped), the context to a power-of-two number of columns >= MIN_COLUMNS (masked
 (batch, columns) bucket is compiled once, in a background thread, the first time a step needs
 it (20-90 s on 2 cores); until it is ready that step runs eagerly, so no request ever waits
 for the compiler. Compiled libraries are kept for the process (``_LIBRARIES``): another engine
-of the same model and pool shape reuses them. ``close()`` (Engine.close) ends the thread.
+of the same model and pool shape reuses them. Libraries over weight inputs are also kept across
+runs in ``library_dir()`` ($XDG_CACHE_HOME/kvscope/cpu_graph), named by a digest of everything
+they depend on (model structure and weight layout, bucket, pool shapes, kvscope's runtime/ and
+kernels/ sources, torch, the CPU; never the weights' values, which are inputs): a later run of
+the same model and format loads its buckets instead of compiling them. ``close()``
+(Engine.close) ends the thread.
 
 One compile at a time, process-wide (``_COMPILE_LOCK``): torch.export / Inductor keep tracing
 state in process globals, and two compiles at once (a warm-up engine and the main one) failed
@@ -64,11 +69,14 @@ one token, last-token logits. Anything else runs the eager forward. EngineConfig
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -273,6 +281,61 @@ def _format_digest(slots: list[tuple], weights: list[torch.Tensor]) -> str:
     return h.hexdigest()[:24]
 
 
+# ---- libraries kept across runs -------------------------------------------------------------
+# A library over weight inputs depends on the model's structure (config, weight layout: the
+# engine's model key + _format_digest), the bucket and pool shapes, kvscope's traced code, torch
+# and the CPU it was compiled for; never on the weights' values. All of that names its file.
+
+
+def library_dir() -> Path | None:
+    """$XDG_CACHE_HOME/kvscope/cpu_graph (KVSCOPE_CPU_GRAPH_CACHE=0: no cross-run cache)."""
+    if os.environ.get("KVSCOPE_CPU_GRAPH_CACHE", "1") == "0":
+        return None
+    return failure_log().parent / "cpu_graph"
+
+
+@functools.cache
+def code_digest() -> str:
+    """kvscope's runtime/ and kernels/ sources, torch's version and build, the CPU (its model
+    and the vector ISA Inductor compiles for) and the compile options."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for sub in ("runtime", "kernels"):
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(f"{f.relative_to(root)}:".encode() + f.read_bytes())
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    h.update(f"{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|{cpu}".encode())
+    h.update(repr((sorted(QUIET.items()), sorted(FROZEN.items()))).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_cached(path: Path | None):
+    """The AOTI runner of a library kept on disk, or None (absent or unreadable: recompile)."""
+    if path is None or not path.is_file():
+        return None
+    import torch._inductor as inductor
+
+    try:
+        return inductor.aoti_load_package(str(path))
+    except Exception:  # truncated or from an incompatible build: drop it
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+
+
+def _store_cached(src: str, path: Path | None) -> None:
+    """Copy a fresh library into the cross-run cache (atomically: readers never see half)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+
+
 class _CompiledStep:
     """One bucket's AOTInductor-compiled step. Called as ready steps are (step, input_ids,
     positions, ctx_rows, planes) -> (logits, rows by name); ``step`` is unused. Runs the loaded
@@ -308,6 +371,7 @@ class CpuDecodeGraph:
         self.failed: str | None = None
         self.steps_compiled = 0  # decode steps served by a compiled bucket
         self.steps_eager = 0  # eligible decode steps that ran eagerly (bucket still compiling)
+        self.buckets_from_disk = 0  # buckets loaded from the cross-run cache (library_dir())
         self._stored = stored_layers(model)
         self._planes = {n: t.flatten(1, 2) for n, t in pool.planes.items()}  # [L, rows, *tail]
         _, weights, slots = _skeleton(model) if self.enabled else (None, [], [])
@@ -353,22 +417,37 @@ class CpuDecodeGraph:
         ctx_rows = torch.zeros((bb, cols), dtype=torch.long)
         weights = [] if self.frozen else module.weights
         args = (ids, pos, ctx_rows, *[self._planes[n] for n in plane_names], *weights)
-        with torch.no_grad():
-            program = torch.export.export(module, args)
-        opts = dict(QUIET)
-        if self.frozen:
-            opts.update(FROZEN)
-        with tempfile.TemporaryDirectory(prefix="kvscope-cpu-graph-") as tmp:
-            path = str(Path(tmp) / f"decode_b{bb}_c{cols}.pt2")
-            with inductor.config.patch(opts):
-                inductor.aoti_compile_and_package(program, package_path=path)
-            runner = inductor.aoti_load_package(path)
-            package_bytes = os.path.getsize(path)  # code + whatever constants it embeds
+        disk = self._disk_path(bucket)
+        runner = _load_cached(disk)
+        if runner is not None:
+            package_bytes, self.buckets_from_disk = disk.stat().st_size, self.buckets_from_disk + 1
+        else:
+            with torch.no_grad():
+                program = torch.export.export(module, args)
+            opts = dict(QUIET)
+            if self.frozen:
+                opts.update(FROZEN)
+            with tempfile.TemporaryDirectory(prefix="kvscope-cpu-graph-") as tmp:
+                path = str(Path(tmp) / f"decode_b{bb}_c{cols}.pt2")
+                with inductor.config.patch(opts):
+                    inductor.aoti_compile_and_package(program, package_path=path)
+                runner = inductor.aoti_load_package(path)
+                package_bytes = os.path.getsize(path)  # code + whatever constants it embeds
+                _store_cached(path, disk)
         fn = _CompiledStep(runner, plane_names, row_names, weights)
         fn.package_bytes = package_bytes
         with torch.inference_mode():
             fn(None, ids, pos, ctx_rows, self._planes)
         return fn
+
+    def _disk_path(self, bucket: tuple[int, int]) -> Path | None:
+        """Where this bucket's library is kept across runs, or None (no model key; frozen
+        libraries, which hold the weights, are not written to disk)."""
+        root = library_dir()
+        if root is None or self._key is None or self.frozen:
+            return None
+        name = hashlib.sha256(repr((self._key, bucket, code_digest())).encode()).hexdigest()
+        return root / f"decode_b{bucket[0]}_c{bucket[1]}_{name[:32]}.pt2"
 
     def _step(self, input_ids, positions, ctx_rows, planes):
         return decode_step(self.model, input_ids, positions, ctx_rows, planes)

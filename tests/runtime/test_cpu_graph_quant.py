@@ -7,7 +7,8 @@
   quantized model, both architectures.
 - A real AOTInductor compile per (arch, format): an engine decoding through it emits the eager
   engine's greedy tokens (bf16 activations); the library holds no weight bytes (every packed
-  tensor is an input); the library key differs per format.
+  tensor is an input); the library key differs per format; a later run loads the library from
+  the cross-run disk cache instead of compiling it.
 """
 
 from __future__ import annotations
@@ -179,6 +180,23 @@ def test_compiled_quantized_engine_emits_the_eager_tokens(tmp_path, monkeypatch,
         assert graph._ready[bucket].package_bytes < weight_bytes / 3  # a copy: > weight_bytes
     engine.close()
 
+    # a later run (a fresh process: no library in memory) loads the bucket from the disk cache
+    # without compiling, and emits the same tokens
+    saved = dict(cpu_graph._LIBRARIES)
+    cpu_graph._LIBRARIES.clear()
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compile)
+    again = _engine(model_dir, quant, graph="auto")
+    again.cpu_graph.request(bucket)
+    assert again.cpu_graph.wait_idle(120) and again.cpu_graph.failed is None
+    assert again.cpu_graph.buckets_from_disk == 1
+    assert _generate(again, prompts, 12) == want
+    again.close()
+    cpu_graph._LIBRARIES.update(saved)
+
 
 def test_stacks_are_views_not_copies(tiny_glm4):
     """Eager expert calls index the stack: each expert's weight is a view of it (one copy of the
@@ -188,3 +206,25 @@ def test_stacks_are_views_not_copies(tiny_glm4):
     one = ex.gate_up[3]
     assert one.q.untyped_storage().data_ptr() == ex.gate_up.q.untyped_storage().data_ptr()
     assert dataclasses.is_dataclass(ex) and len(ex.gate_up) == ex.num_experts
+
+
+def test_disk_cache_names_change_with_the_format_and_the_code(tmp_path, monkeypatch):
+    """The cross-run library file depends on the weight format and on kvscope's traced code."""
+    monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
+    monkeypatch.setattr(CpuDecodeGraph, "_compile", _uncompiled)
+    model_dir = _tiny(tmp_path, "glm4_moe", 4)
+    paths = {}
+    for quant in ("int8", "int4"):
+        e = _engine(model_dir, quant, graph="auto")
+        paths[quant] = e.cpu_graph._disk_path((1, 64))
+        assert paths[quant].parent == cpu_graph.library_dir()
+        e.close()
+    assert paths["int8"] != paths["int4"]
+    cpu_graph.code_digest.cache_clear()
+    monkeypatch.setattr(cpu_graph, "QUIET", {**cpu_graph.QUIET, "changed": True})
+    e = _engine(model_dir, "int8", graph="auto")
+    assert e.cpu_graph._disk_path((1, 64)) != paths["int8"]
+    e.close()
+    cpu_graph.code_digest.cache_clear()
+    monkeypatch.setenv("KVSCOPE_CPU_GRAPH_CACHE", "0")
+    assert cpu_graph.library_dir() is None
