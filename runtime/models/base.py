@@ -16,7 +16,7 @@ from runtime.models.batch import ForwardBatch
 from runtime.models.layers import DenseMLP, Experts, MoE, Router, linear
 from runtime.models.rope import RotaryTables
 from runtime.models.steps import EagerStep, KernelStep
-from runtime.weights import fp8
+from runtime.weights import dense_cpu, fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.expert_cache import slot_kernel
 from runtime.weights.quant import (
@@ -42,6 +42,7 @@ class WeightReader:
         self.quant = plan.quant if plan is not None else "none"
         self.keep_fp8 = plan.keep_fp8 if plan is not None else False
         self.fp8_block = plan.fp8_block if plan is not None else fp8.block_size(ckpt.dir)
+        self.pack = getattr(plan, "pack_bf16", False)  # oneDNN-packed bf16 (dense_cpu.py)
 
     def _fp8_scale(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
         if t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
@@ -68,6 +69,8 @@ class WeightReader:
         if dtype is None and len(shape) == 2 and is_linear_weight(name):
             if self.quant != "none":
                 return quantize_weight(self.tensor(name, shape), self.quant)
+            if self.pack:
+                return dense_cpu.pack(self.tensor(name, shape))
             if self.keep_fp8:
                 t = self.ckpt.get(name, expect_shape=shape)
                 scale = self._fp8_scale(name, t)
@@ -110,7 +113,7 @@ def load_moe(w: WeightReader, cfg: ModelConfig, prefix: str) -> MoE:
                 gate_up[x, :i] = w.tensor(f"{p}.gate_proj.weight", (i, d))
                 gate_up[x, i:] = w.tensor(f"{p}.up_proj.weight", (i, d))
                 down[x] = w.tensor(f"{p}.down_proj.weight", (d, i))
-        experts = Experts(**resident_experts(gate_up, down, w.quant))
+        experts = Experts(**resident_experts(gate_up, down, w.quant, pack=w.pack))
     shared = None
     if cfg.n_shared_experts > 0:
         shared = load_mlp(w, f"{prefix}.shared_experts", d, i * cfg.n_shared_experts)
@@ -151,6 +154,8 @@ class CausalLM:
             self.lm_head = w("lm_head.weight", (v, d))
         if w.quant != "none":  # the LM head in int8 under any --quant (runtime/weights/quant.py)
             self.lm_head = quantize_weight(self.lm_head, HEAD_METHOD)
+        elif w.pack and self.lm_head is not self.embed:
+            self.lm_head = dense_cpu.pack(self.lm_head)
         self.layers: list[DecoderLayer] = []
         for li in range(cfg.num_layers):  # MTP layers (index >= num_layers) stay unloaded
             p = f"model.layers.{li}"
@@ -272,14 +277,17 @@ _MODEL_MODULES = (
 
 
 def _plain(obj) -> bool:
-    """True when every weight under obj is a plain tensor (no quantized / offloaded weight
-    objects, whose calls may sync the host and cannot be captured or compiled)."""
+    """True when every weight under obj is a plain tensor or a ``graph_safe`` packed CPU weight
+    (no other quantized / offloaded weight objects, whose calls may sync the host and cannot be
+    captured or compiled)."""
     if obj is None or isinstance(obj, torch.Tensor | int | float | bool | str):
         return True
     if isinstance(obj, ModelConfig | RotaryTables):
         return True
     if isinstance(obj, Experts):
-        return obj.stacked() is not None
+        return obj.stacked() is not None or obj.packed_stacks() is not None
+    if getattr(type(obj), "graph_safe", False):  # packed CPU weights (weights/quant_cpu.py)
+        return True
     if dataclasses.is_dataclass(obj) and type(obj).__module__ in _MODEL_MODULES:
         return all(_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return False
@@ -289,5 +297,5 @@ def graph_safe(model: CausalLM, mtp: bool = False) -> bool:
     """Whether a decode step of this model (``mtp``: and of its MTP layer) can be captured or
     compiled (plain weights)."""
     tops = (model.embed, model.norm, model.lm_head)
-    main = all(isinstance(t, torch.Tensor) for t in tops) and all(_plain(ly) for ly in model.layers)
+    main = all(_plain(t) for t in tops) and all(_plain(ly) for ly in model.layers)
     return main and (not mtp or all(_plain(m) for m in model.mtp))

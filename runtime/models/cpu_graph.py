@@ -21,7 +21,12 @@ dropped), the context to a power-of-two number of columns >= MIN_COLUMNS (masked
 (batch, columns) bucket is compiled once, in a background thread, the first time a step needs
 it (20-90 s on 2 cores); until it is ready that step runs eagerly, so no request ever waits
 for the compiler. Compiled libraries are kept for the process (``_LIBRARIES``): another engine
-of the same model and pool shape reuses them. ``close()`` (Engine.close) ends the thread.
+of the same model and pool shape reuses them. Libraries over weight inputs are also kept across
+runs in ``library_dir()`` ($XDG_CACHE_HOME/kvscope/cpu_graph), named by a digest of everything
+they depend on (model structure and weight layout, bucket, pool shapes, kvscope's runtime/ and
+kernels/ sources, torch, the CPU; never the weights' values, which are inputs): a later run of
+the same model and format loads its buckets instead of compiling them. ``close()``
+(Engine.close) ends the thread.
 
 One compile at a time, process-wide (``_COMPILE_LOCK``): torch.export / Inductor keep tracing
 state in process globals, and two compiles at once (a warm-up engine and the main one) failed
@@ -50,18 +55,28 @@ Invariants kept as in the eager path:
   at the tokens' own rows (pages this step is the registered writer of) right after it, before
   commit acks the write.
 
-Eligible: CPU model with plain weights (``base.graph_safe``: no quantized or offloaded
-experts), not on the Triton interpreter, every sequence decoding one token, last-token logits.
-Anything else runs the eager forward. EngineConfig.cpu_graph ("auto" | "off") or
-``KVSCOPE_CPU_GRAPH=0`` turns it off.
+Quantized weights (--quant int8 / int4 on the CPU: runtime/weights/quant_cpu.py's packed
+objects, routed experts as [E, ...] stacks) are traced like any weight: their tensors are inputs
+(never frozen), their calls are torch's packed weight-only kernels, and the routed experts are
+indexed by ids read inside the graph (decode_step.routed_packed_decode). The library key carries
+a digest of the weight layout, so another --quant of the same checkpoint compiles its own.
+
+Eligible: CPU model with plain or packed CPU weights (``base.graph_safe``: no offloaded experts,
+no bitsandbytes / portable int4 weights), not on the Triton interpreter, every sequence decoding
+one token, last-token logits. Anything else runs the eager forward. EngineConfig.cpu_graph
+("auto" | "off") or ``KVSCOPE_CPU_GRAPH=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
+import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -89,7 +104,14 @@ if TYPE_CHECKING:
 # bucket, prepacked for Inductor's C++ GEMMs); larger ones take the weights as inputs.
 FROZEN_MAX_BYTES = int(os.environ.get("KVSCOPE_CPU_GRAPH_FROZEN_MAX", 256 << 20))
 FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-QUIET = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# emulate_precision_casts: fused bf16 elementwise code rounds each op's result to bf16 as eager
+# torch does (not one rounding per fused loop), so bf16 greedy tokens match the eager path's
+# (without it a tiny bf16 int8 model diverged from eager after 8 tokens).
+QUIET = {
+    "emulate_precision_casts": True,
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
 # Deprecation notices torch's own export / autotune code raises while compiling a bucket in the
 # background; they say nothing about kvscope and would land in the middle of a TUI or a report.
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
@@ -164,9 +186,11 @@ def spec_bucket(kind: str, batch: int, n: int, max_end: int) -> tuple | None:
 
 def _container(v) -> bool:
     """Objects of the model tree that may hold weights: lists (of layers), our mutable
-    dataclasses (layers, attention, MoE, ...) and the RoPE tables. Frozen configs are shared."""
-    if isinstance(v, list | RotaryTables):
-        return True
+    dataclasses (layers, attention, MoE, ...), the RoPE tables and packed quantized weights
+    (their tensors become inputs of the compiled step like any weight). Frozen configs are
+    shared."""
+    if isinstance(v, list | RotaryTables) or getattr(type(v), "graph_safe", False):
+        return True  # graph_safe: packed CPU weight objects (runtime/weights/quant_cpu.py)
     return (
         dataclasses.is_dataclass(v)
         and not isinstance(v, type)
@@ -275,11 +299,80 @@ def _values_digest(weights: list[torch.Tensor]) -> tuple:
     )
 
 
+def _format_digest(slots: list[tuple], weights: list[torch.Tensor]) -> str:
+    """Digest of the weight layout a library was traced over: per slot the owning object's
+    type, the attribute, the tensor's shape, dtype and strides (bf16 vs int8 vs int4 tiles,
+    stacked experts vs per-expert lists, padded K, ...)."""
+    h = hashlib.sha256()
+    for obj, name, i in slots:
+        w = weights[i]
+        h.update(f"{type(obj).__qualname__}.{name}:{i}:{tuple(w.shape)}:{w.dtype}:".encode())
+        h.update(f"{w.stride()};".encode())
+    return h.hexdigest()[:24]
+
+
+# ---- libraries kept across runs -------------------------------------------------------------
+# A library over weight inputs depends on the model's structure (config, weight layout: the
+# engine's model key + _format_digest), the bucket and pool shapes, kvscope's traced code, torch
+# and the CPU it was compiled for; never on the weights' values. All of that names its file.
+
+
+def library_dir() -> Path | None:
+    """$XDG_CACHE_HOME/kvscope/cpu_graph (KVSCOPE_CPU_GRAPH_CACHE=0: no cross-run cache)."""
+    if os.environ.get("KVSCOPE_CPU_GRAPH_CACHE", "1") == "0":
+        return None
+    return failure_log().parent / "cpu_graph"
+
+
+@functools.cache
+def code_digest() -> str:
+    """kvscope's runtime/ and kernels/ sources, torch's version and build, the CPU (its model
+    and the vector ISA Inductor compiles for) and the compile options."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for sub in ("runtime", "kernels"):
+        for f in sorted((root / sub).rglob("*.py")):
+            h.update(f"{f.relative_to(root)}:".encode() + f.read_bytes())
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    h.update(f"{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|{cpu}".encode())
+    h.update(repr((sorted(QUIET.items()), sorted(FROZEN.items()))).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_cached(path: Path | None):
+    """The AOTI runner of a library kept on disk, or None (absent or unreadable: recompile)."""
+    if path is None or not path.is_file():
+        return None
+    import torch._inductor as inductor
+
+    try:
+        return inductor.aoti_load_package(str(path))
+    except Exception:  # truncated or from an incompatible build: drop it
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+
+
+def _store_cached(src: str, path: Path | None) -> None:
+    """Copy a fresh library into the cross-run cache (atomically: readers never see half)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+
+
 class _CompiledStep:
     """One bucket's AOTInductor-compiled step. Called as ready steps are (step, input_ids,
     positions, ctx_rows, planes) -> (logits, rows by name); ``step`` is unused. Runs the loaded
     C++ model directly (no guards, no Python wrapper per kernel); the model's weight tensors are
     passed as inputs on every call (nothing is copied)."""
+
+    package_bytes = 0  # size of the compiled package (the .so with any embedded constants)
 
     def __init__(
         self, runner, plane_names: list[str], row_names: list[str], weights, kind="decode"
@@ -323,15 +416,24 @@ class CpuDecodeGraph:
         self.failed: str | None = None
         self.steps_compiled = 0  # decode steps served by a compiled bucket
         self.steps_eager = 0  # eligible decode steps that ran eagerly (bucket still compiling)
+        self.buckets_from_disk = 0  # buckets loaded from the cross-run cache (library_dir())
         self._stored = stored_layers(model)
         self._planes = {n: t.flatten(1, 2) for n, t in pool.planes.items()}  # [L, rows, *tail]
-        weights = _skeleton(model)[1] if self.enabled else []
-        self.frozen = sum(w.numel() * w.element_size() for w in weights) <= FROZEN_MAX_BYTES
+        _, weights, slots = _skeleton(model) if self.enabled else (None, [], [])
+        # Packed quantized weights are never frozen in (Inductor would fold and copy them):
+        # their tensors are always inputs, so the library holds no copy of them.
+        packed = any(getattr(type(obj), "graph_safe", False) for obj, _, _ in slots)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        self.frozen = not packed and nbytes <= FROZEN_MAX_BYTES
         self._weights = [] if self.frozen else weights
         shapes = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in self._planes.items())
         # A frozen library holds the weights' values: the key carries a digest of them.
         values = _values_digest(weights) if self.frozen and model_key else ()
-        self._key = (model_key, self.frozen, shapes, values) if model_key else None
+        # The engine's model_key names checkpoint, dtype and page size, not the weight format
+        # (--quant): the key also carries every weight slot's owner type, name, shape and dtype,
+        # so a model loaded in another format (or repacked differently) never reuses a library.
+        fmt = _format_digest(slots, weights)
+        self._key = (model_key, fmt, self.frozen, shapes, values) if model_key else None
         self._layer_ids = {n: torch.tensor(ls, dtype=torch.long) for n, ls in self._stored.items()}
         # Rows per sequence of the speculative buckets worth compiling (ModelRunner.speculate):
         # kind -> {n}; other shapes (a request's last steps) run eagerly.
@@ -371,20 +473,38 @@ class CpuDecodeGraph:
         prev = prev if kind == "mtp" else []
         weights = [] if self.frozen else module.weights
         args = (ids, pos, ctx_rows, *prev, *[self._planes[n] for n in plane_names], *weights)
-        with torch.no_grad():
-            program = torch.export.export(module, args)
-        opts = dict(QUIET)
-        if self.frozen:
-            opts.update(FROZEN)
-        with tempfile.TemporaryDirectory(prefix="kvscope-cpu-graph-") as tmp:
-            path = str(Path(tmp) / f"{kind}{n}_b{bb}_c{cols}.pt2")
-            with inductor.config.patch(opts):
-                inductor.aoti_compile_and_package(program, package_path=path)
-            runner = inductor.aoti_load_package(path)
+        disk = self._disk_path(bucket)
+        runner = _load_cached(disk)
+        if runner is not None:
+            package_bytes, self.buckets_from_disk = disk.stat().st_size, self.buckets_from_disk + 1
+        else:
+            with torch.no_grad():
+                program = torch.export.export(module, args)
+            opts = dict(QUIET)
+            if self.frozen:
+                opts.update(FROZEN)
+            with tempfile.TemporaryDirectory(prefix="kvscope-cpu-graph-") as tmp:
+                path = str(Path(tmp) / f"{kind}{n}_b{bb}_c{cols}.pt2")
+                with inductor.config.patch(opts):
+                    inductor.aoti_compile_and_package(program, package_path=path)
+                runner = inductor.aoti_load_package(path)
+                package_bytes = os.path.getsize(path)  # code + whatever constants it embeds
+                _store_cached(path, disk)
         fn = _CompiledStep(runner, plane_names, row_names, weights, kind)
+        fn.package_bytes = package_bytes
         with torch.inference_mode():
             fn(None, ids, pos, ctx_rows, self._planes, *prev)
         return fn
+
+    def _disk_path(self, bucket: tuple) -> Path | None:
+        """Where this bucket's library is kept across runs, or None (no model key; frozen
+        libraries, which hold the weights, are not written to disk)."""
+        root = library_dir()
+        if root is None or self._key is None or self.frozen:
+            return None
+        name = hashlib.sha256(repr((self._key, bucket, code_digest())).encode()).hexdigest()
+        kind = f"{bucket[2]}{bucket[3]}" if len(bucket) > 2 else "decode"
+        return root / f"{kind}_b{bucket[0]}_c{bucket[1]}_{name[:32]}.pt2"
 
     def _step(self, input_ids, positions, ctx_rows, planes):
         return decode_step(self.model, input_ids, positions, ctx_rows, planes)

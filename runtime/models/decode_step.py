@@ -95,6 +95,44 @@ def routed_decode(
     return (out * dense_w.t().unsqueeze(-1)).to(x.dtype).sum(dim=0)
 
 
+def routed_packed_decode(gu, dn, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+    """Routed experts held as packed CPU stacks (runtime/weights/quant_cpu.py; gu [E] x [2I, D],
+    dn [E] x [D, I]) for a few tokens: x [B, D], weights / ids [B, K] -> [B, D].
+
+    Each (token, selected expert) pair runs the packed GEMV kernels on an expert id read inside
+    the graph (``.item()``: on the CPU a plain memory read, no device sync), so only the selected
+    experts' bytes are read, in place (``gu[e]`` is a view of the stack). No "every expert on
+    every token" branch as routed_decode has: torch's packed int8 / int4 kernels cost ~3-10x
+    more per call at 8 rows than at 1 (measured, docs/performance.md), so B*K one-row calls beat
+    E eight-row calls at every batch the buckets serve."""
+    b, k = ids.shape
+    e, i = len(gu), gu.shape[0] // 2
+    rows = []
+    for t in range(b):
+        xt = x[t : t + 1]  # [1, D]
+        for j in range(k):
+            ex = ids[t, j].item()
+            torch._check(ex >= 0)
+            torch._check(ex < e)
+            h = gu[ex](xt)  # [1, 2I]
+            rows.append(dn[ex](F.silu(h[:, :i]) * h[:, i:]))  # [1, D]
+    out = torch.cat(rows).view(b, k, -1)  # [B, K, D]
+    contrib = (out * weights.unsqueeze(-1)).to(x.dtype)  # fp32 weights as the reference
+    order = ids.argsort(dim=1)  # each token's experts in ascending id, as the eager loop adds
+    contrib = contrib.gather(1, order.unsqueeze(-1).expand_as(contrib))
+    return _sum_in_order(contrib.transpose(0, 1))
+
+
+def _sum_in_order(parts: torch.Tensor) -> torch.Tensor:
+    """parts [P, B, D] -> [B, D], added one by one in the parts' dtype (a rounding per add), as
+    layers.Experts._loop's index_add_ accumulates experts in ascending id: in bf16 the compiled
+    step then emits the eager path's tokens (one fp32 reduction rounds differently)."""
+    y = parts[0]
+    for p in range(1, parts.shape[0]):
+        y = y + parts[p]
+    return y
+
+
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The MoE block of a decode step as GatheredDecodeStep runs it (x [B, D] -> [B, D])."""
     return moe(x, GatheredDecodeStep)
@@ -167,6 +205,9 @@ class GatheredDecodeStep(TorchOps):
 
     @staticmethod
     def experts(experts, x, weights, ids):
+        packed = experts.packed_stacks()
+        if packed is not None:  # int8 / int4 stacks on the CPU
+            return routed_packed_decode(*packed, x, weights, ids)
         return routed_decode(experts, x, weights, ids)
 
     def last_rows(self, h):
@@ -230,5 +271,6 @@ __all__ = [
     "new_token_columns",
     "verify_step",
     "routed_decode",
+    "routed_packed_decode",
     "stored_layers",
 ]

@@ -102,6 +102,17 @@ class Experts:
             return None
         return gu, dn
 
+    def packed_stacks(self):
+        """(gate_up, down) when the routed experts are resident packed CPU stacks
+        (runtime/weights/quant_cpu.py: Int8CpuStack / Int4CpuStack), which a compiled decode
+        step indexes by expert ids read inside the graph; None otherwise."""
+        gu, dn = self.gate_up, self.down
+        if self.bank is not None or self.fused is not None or self.fused_slots is not None:
+            return None
+        if getattr(gu, "expert_stack", False) and getattr(dn, "expert_stack", False):
+            return gu, dn
+        return None
+
     def fused_kernel(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
         """The routed experts through kernels.ops.fused_moe ([T, D]), or None when the weights
         are not plain stacked tensors (see stacked()); the caller then uses __call__."""

@@ -15,5 +15,7 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     weight object that is callable as w(x) (see runtime/weights/)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
+    if b is not None and getattr(w, "takes_bias", False):  # fused as F.linear's (one rounding)
+        return w(x, b)
     y = w(x)
     return y if b is None else y + b

@@ -24,7 +24,7 @@ import torch
 
 from runtime.errors import KvscopeError
 from runtime.model_config import ModelConfig
-from runtime.weights import fp8
+from runtime.weights import dense_cpu, fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.quant import (
     HEAD_METHOD,
@@ -175,6 +175,16 @@ class WeightPlan:
         self.moe_layers = [i for i, t in enumerate(cfg.mlp_layer_types) if t == "sparse"]
         self.fp = footprint(cfg, ckpt, dtype, self.quant, self.keep_fp8)
         self.offload = options.expert_cache is not None and bool(self.moe_layers)
+        # bf16 linear weights prepacked for oneDNN (runtime/weights/dense_cpu.py): CPU, no
+        # --quant, a CPU with oneDNN bf16 kernels, a model too large for a frozen compiled step
+        self.pack_bf16 = (
+            self.quant == "none"
+            and self.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and not self.offload
+            and self.fp.non_expert + self.fp.experts > dense_cpu.PACK_MIN_BYTES
+            and dense_cpu.available()
+        )
         self.tier = None
         self.capacity = 0
         if self.offload:

@@ -154,7 +154,12 @@ def quantize_weight(w: torch.Tensor, method: str, storage: bool = False):
     if method == "nf4":
         return quant_bnb.Nf4Weight.quantize(w)
     if method == "int8":
-        return quant_bnb.Int8Weight.quantize(w)
+        q8 = quant_bnb.Int8Weight.quantize(w)
+        if w.device.type == "cpu" and not storage:  # the same bytes, in the CPU kernel's layout
+            from runtime.weights.quant_cpu import Int8CpuLinear
+
+            return Int8CpuLinear(q8.cb, q8.scb / 127.0)
+        return q8
     raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
 
 
@@ -248,24 +253,31 @@ class ExpertFormat:
         return tuple(out)
 
 
-def resident_experts(gate_up: torch.Tensor, down: torch.Tensor, method: str) -> dict:
+def resident_experts(
+    gate_up: torch.Tensor, down: torch.Tensor, method: str, pack: bool = False
+) -> dict:
     """Fields of `layers.Experts` for routed experts kept on the compute device, quantized with
-    ``method``: stacked tensors (none), an Int4Stack pair + the fused op (int4 on CUDA, or on CPU
-    when the packed CPU kernel cannot take the shapes), or per-expert weights for linear() (nf4,
-    int8, int4 on CPU: the expert loop then reads each selected expert once per step)."""
+    ``method``: stacked tensors (none), or per expert oneDNN-packed bf16 with ``pack`` (the
+    plan's pack_bf16: runtime/weights/dense_cpu.py); on CPU, int8 and int4 as packed stacks
+    (quant_cpu.Int8CpuStack / Int4CpuStack: the expert loop and the compiled CPU decode step
+    read each selected expert in place); an Int4Stack pair + the fused op (int4 on CUDA, or on
+    CPU when the packed CPU kernel cannot take the shapes), or per-expert weights for linear()
+    (nf4, int8 on CUDA)."""
+    if method == "none" and pack:  # per-expert oneDNN-packed bf16 (dense_cpu.py)
+        from runtime.weights.dense_cpu import pack as pack_bf16
+
+        return {"gate_up": [pack_bf16(w) for w in gate_up], "down": [pack_bf16(w) for w in down]}
     if method == "none":
         return {"gate_up": gate_up, "down": down}
-    if method == "int4" and gate_up.device.type == "cpu":
-        from runtime.weights.quant_cpu import Int4CpuLinear
+    if method in ("int8", "int4") and gate_up.device.type == "cpu":
+        from runtime.weights.quant_cpu import stack_experts
 
-        e, n2, d = gate_up.shape
-        if Int4CpuLinear.supports(n2, d, int4_group(d)) and Int4CpuLinear.supports(
-            down.shape[1], down.shape[2], int4_group(down.shape[2])
-        ):
-            return {
-                "gate_up": [quantize_weight(w, method) for w in gate_up],
-                "down": [quantize_weight(w, method) for w in down],
-            }
+        # one packed [E, ...] stack per projection (quant_cpu.py), when every expert took the
+        # packed CPU kernel's layout (int4: shapes it accepts); else per-expert weights below
+        gu = stack_experts([quantize_weight(w, method) for w in gate_up])
+        dn = stack_experts([quantize_weight(w, method) for w in down]) if gu is not None else None
+        if gu is not None and dn is not None:
+            return {"gate_up": gu, "down": dn}
     if method == "int4":
         gu = Int4Stack(_int4().quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
         dn = Int4Stack(_int4().quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))

@@ -14,6 +14,15 @@ in the layout an ATen CPU kernel streams directly, repacked once at load:
   the tile layout of ``torch._convert_weight_to_int4pack_for_cpu``; ``torch._weight_int4pack_mm
   _for_cpu``. Needs N % 16 == 0 and K % group == 0; other shapes keep quant.Int4Weight.
 
+Routed experts of a layer are kept as one stack per projection (``Int8CpuStack`` /
+``Int4CpuStack``: the packed tensors of all E experts in one [E, ...] tensor); ``stack[e]`` is
+expert e's linear object over views of it. The eager expert loop indexes it with Python ints, the
+compiled CPU decode step (runtime/models/decode_step.py) with expert ids read inside the graph.
+
+Every class here has ``graph_safe = True``: its weights are plain attribute tensors and its call is
+torch ops only, so runtime/models/cpu_graph.py can bind those tensors to inputs of a compiled step
+(nothing copied into the compiled library) and trace the call.
+
 Both take activations in bf16 (their fast path; fp32 activations run ~10-40x slower in these
 kernels), accumulate in fp32 and return bf16, cast back to the caller's dtype: the rounding of
 activations to bf16 is part of these formats (llama.cpp's Q8_0 / Q4_0 dots round activations to
@@ -37,6 +46,7 @@ class Int8CpuLinear:
     """W [N, K] = q [N, K] int8 * scale [N] (bf16)."""
 
     K_ALIGN = 16  # the kernel's K granularity (see the module doc)
+    graph_safe = True
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         assert q.dtype == torch.int8 and q.dim() == 2 and scale.shape == (q.shape[0],)
@@ -44,6 +54,13 @@ class Int8CpuLinear:
         self.pad = -self.k % self.K_ALIGN
         self.q = F.pad(q, (0, self.pad)).contiguous() if self.pad else q.contiguous()
         self.scale = scale.to(torch.bfloat16).contiguous()
+
+    @classmethod
+    def packed(cls, q: torch.Tensor, scale: torch.Tensor, k: int) -> Int8CpuLinear:
+        """Over already padded q [N, K + pad] and bf16 scale [N] (views, nothing copied)."""
+        out = cls.__new__(cls)
+        out.k, out.pad, out.q, out.scale = k, q.shape[1] - k, q, scale
+        return out
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int8CpuLinear:
@@ -81,6 +98,8 @@ class Int8CpuLinear:
 
 class Int4CpuLinear:
     """W [N, K] in 4-bit groups: w = (q - 8) * scale + zero per (row, group), q in [0, 16)."""
+
+    graph_safe = True
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int, group):
         self.packed, self.scales_zeros = packed, scales_zeros  # uint8 tiles, bf16 [K/G, N, 2]
@@ -136,4 +155,88 @@ class Int4CpuLinear:
         return y.to(x.dtype).view(*x.shape[:-1], self.n)
 
 
-__all__ = ["INT4_GROUPS", "Int4CpuLinear", "Int8CpuLinear"]
+class Int8CpuStack:
+    """E int8 experts of one projection: q [E, N, K + pad] int8, scale [E, N] bf16."""
+
+    graph_safe = True
+    expert_stack = True  # layers.Experts.packed_stacks(): indexable by an expert id tensor
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, k: int):
+        self.q, self.scale, self.k = q, scale, k
+
+    @classmethod
+    def of(cls, experts: list[Int8CpuLinear]) -> Int8CpuStack:
+        return cls(
+            torch.stack([w.q for w in experts]),
+            torch.stack([w.scale for w in experts]),
+            experts[0].k,
+        )
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+    def __getitem__(self, e) -> Int8CpuLinear:  # e: int, or a SymInt read inside a graph
+        return Int8CpuLinear.packed(self.q[e], self.scale[e], self.k)
+
+    @property
+    def shape(self) -> tuple[int, int]:  # one expert's (N, K)
+        return (self.q.shape[1], self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 2
+
+
+class Int4CpuStack:
+    """E int4 experts of one projection: packed [E, N, K/2] uint8 tiles, scales_zeros
+    [E, K/G, N, 2] bf16 (Int4CpuLinear's layout per expert)."""
+
+    graph_safe = True
+    expert_stack = True
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int, group):
+        self.packed, self.scales_zeros = packed, scales_zeros
+        self.n, self.k, self.group = n, k, group
+
+    @classmethod
+    def of(cls, experts: list[Int4CpuLinear]) -> Int4CpuStack:
+        w = experts[0]
+        return cls(
+            torch.stack([x.packed for x in experts]),
+            torch.stack([x.scales_zeros for x in experts]),
+            w.n,
+            w.k,
+            w.group,
+        )
+
+    def __len__(self) -> int:
+        return self.packed.shape[0]
+
+    def __getitem__(self, e) -> Int4CpuLinear:
+        return Int4CpuLinear(self.packed[e], self.scales_zeros[e], self.n, self.k, self.group)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales_zeros.numel() * 2
+
+
+def stack_experts(experts: list) -> Int8CpuStack | Int4CpuStack | None:
+    """One stack of per-expert packed weights of one kind, or None (mixed or other kinds)."""
+    for cls, stack in ((Int8CpuLinear, Int8CpuStack), (Int4CpuLinear, Int4CpuStack)):
+        if all(type(w) is cls for w in experts):
+            return stack.of(experts)
+    return None
+
+
+__all__ = [
+    "INT4_GROUPS",
+    "Int4CpuLinear",
+    "Int4CpuStack",
+    "Int8CpuLinear",
+    "Int8CpuStack",
+    "stack_experts",
+]

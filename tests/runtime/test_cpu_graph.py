@@ -238,7 +238,8 @@ def test_compiles_are_serialised_process_wide(tiny_dsa, monkeypatch):
 def test_cpu_graph_off_and_ineligible(tiny_dsa, monkeypatch):
     monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "1")
     assert Engine(tiny_dsa, EngineConfig(device="cpu", cpu_graph="off")).cpu_graph is None
-    assert Engine(tiny_dsa, EngineConfig(device="cpu", quant="int8")).cpu_graph is None
+    assert Engine(tiny_dsa, EngineConfig(device="cpu", quant="nf4")).cpu_graph is None
+    assert Engine(tiny_dsa, EngineConfig(device="cpu", quant="int8")).cpu_graph is not None
     monkeypatch.setenv("KVSCOPE_CPU_GRAPH", "0")
     assert Engine(tiny_dsa, EngineConfig(device="cpu")).cpu_graph is None
 

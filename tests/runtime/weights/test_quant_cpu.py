@@ -21,7 +21,7 @@ from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.models.layers import Experts
 from runtime.weights.quant import Int4Weight, quantize_weight
 from runtime.weights.quant_bnb import Int8Weight
-from runtime.weights.quant_cpu import Int4CpuLinear, Int8CpuLinear
+from runtime.weights.quant_cpu import Int4CpuLinear, Int4CpuStack, Int8CpuLinear, Int8CpuStack
 from runtime.weights.tiny import write_tiny
 
 
@@ -44,9 +44,11 @@ def test_int8_kernel_matches_reference(shape, tokens):
     q = Int8CpuLinear.quantize(w)
     _close(q(x), _ref(x, q.dequantize()))
     assert float((q.dequantize() - w).abs().max()) <= float(w.abs().max()) / 127 * 0.51 + 1e-2
-    bnb = quantize_weight(w, "int8")  # bitsandbytes' bytes, the CPU kernel
+    bnb = quantize_weight(w, "int8", storage=True)  # bitsandbytes' record, the CPU kernel
     assert isinstance(bnb, Int8Weight) and bnb(x).dtype == x.dtype
     _close(bnb(x), _ref(x, bnb.dequantize()))
+    fast = quantize_weight(w, "int8")  # resident on the CPU: the same bytes, repacked at load
+    assert isinstance(fast, Int8CpuLinear) and torch.equal(fast(x), bnb(x))
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (48, 256), (32, 64), (16, 384)])
@@ -145,7 +147,10 @@ def _dequantized(obj, seen=None):
         else []
     )
     for key, v in items:
-        if isinstance(v, Int8Weight | Int4CpuLinear):
+        if isinstance(v, Int8CpuStack | Int4CpuStack):  # routed experts: a plain [E, N, K]
+            new = torch.stack([v[e].dequantize() for e in range(len(v))]).to(torch.bfloat16)
+            setattr(obj, key, new)
+        elif isinstance(v, Int8Weight | Int8CpuLinear | Int4CpuLinear):
             new = v.dequantize().to(torch.bfloat16)
             if isinstance(obj, list):
                 obj[key] = new
@@ -182,8 +187,9 @@ def test_greedy_tokens_equal_the_dequantized_reference(tmp_path, method):
         _dequantized(layer)
     ref.model.lm_head = ref.model.lm_head.dequantize().to(torch.bfloat16)
     kinds = {type(w).__name__ for w in fast.model.layers[1].mlp.experts.gate_up}
-    assert kinds == {"Int8Weight" if method == "int8" else "Int4CpuLinear"}
-    assert isinstance(fast.model.lm_head, Int8Weight)  # the LM head is int8 under any --quant
+    assert kinds == {"Int8CpuLinear" if method == "int8" else "Int4CpuLinear"}
+    assert isinstance(fast.model.layers[1].mlp.experts.gate_up, Int8CpuStack | Int4CpuStack)
+    assert isinstance(fast.model.lm_head, Int8CpuLinear)  # int8 under any --quant
     compared = agreed = 0
     for prompt in ([5, 6, 7], list(range(10, 31)), [3] * 9):
         out = fast.generate(prompt, max_new_tokens=16, ignore_eos=True)
