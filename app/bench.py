@@ -417,9 +417,9 @@ def run_bench(args, argv: list[str]) -> dict:
 def cmd_bench(args, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     res = run_bench(args, argv)
-    print(report(res))
-    if args.json:
+    if args.json:  # first: the figures survive whatever the report does
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
         _log(f"wrote {args.json}")
+    print(report(res))
     return 0

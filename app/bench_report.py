@@ -40,7 +40,9 @@ def report(res: dict) -> str:
         )
     graph = s.get("kvscope_cpu_graph")
     if graph:
-        buckets = ", ".join(f"b{b}x{c}" for b, c in graph["buckets"]) or "none"
+        from runtime.models.runner import bucket_name
+
+        buckets = ", ".join(bucket_name(b) for b in graph["buckets"]) or "none"
         lines.append(
             "kvscope decode: "
             + (

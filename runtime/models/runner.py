@@ -93,7 +93,7 @@ class ModelRunner:
             return "kernels (Triton interpreter)" if self.kernels else "eager"
         if g.failed:
             return "eager (CPU graph compile failed)"
-        ready = ", ".join(_bucket_name(b) for b in g.buckets_ready) or "compiling"
+        ready = ", ".join(bucket_name(b) for b in g.buckets_ready) or "compiling"
         return f"compiled CPU graph ({ready})"
 
     def close(self) -> None:
@@ -102,10 +102,10 @@ class ModelRunner:
             self.cpu_graph.close()
 
 
-def _bucket_name(bucket: tuple) -> str:
+def bucket_name(bucket) -> str:
     """b1x64 (a decode bucket), verify3-b1x64 / mtp3-b1x64 (speculative ones)."""
     kind = f"{bucket[2]}{bucket[3]}-" if len(bucket) > 2 else ""
     return f"{kind}b{bucket[0]}x{bucket[1]}"
 
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "bucket_name"]

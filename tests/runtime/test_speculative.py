@@ -358,3 +358,10 @@ def test_speculation_through_the_triton_kernels(tiny_dsa_mtp, monkeypatch):
     e.run_until_done()  # a prefix hit: the lead token
     assert e.request(rid).output_ids == ref["r0"][:3]
     e.close()
+
+
+def test_bucket_names():
+    from runtime.models.runner import bucket_name
+
+    assert bucket_name((1, 64)) == "b1x64"
+    assert bucket_name([8, 128, "verify", 3]) == "verify3-b8x128"  # as bench JSON lists them
