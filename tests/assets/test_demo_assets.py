@@ -23,6 +23,10 @@ def _metrics() -> dict:
     return json.loads((DEMO / "metrics.json").read_text())
 
 
+def _n_mtp() -> int:
+    return _config().get("num_nextn_predict_layers", 0)
+
+
 def test_files_and_size():
     for name in [
         "config.json",
@@ -101,6 +105,19 @@ def test_published_tensor_names():
         else:
             assert not present
     assert "lm_head.weight" in names
+    # The MTP layer (index num_hidden_layers): published nextn names, a FULL indexer, a sparse MoE;
+    # embedding and head are shared with the main model, so not stored again.
+    assert _n_mtp() == 1
+    n = c["num_hidden_layers"]
+    mtp = {
+        x.removeprefix(f"model.layers.{n}.") for x in names if x.startswith(f"model.layers.{n}.")
+    }
+    main3 = {x.removeprefix("model.layers.3.") for x in names if x.startswith("model.layers.3.")}
+    full0 = {x.removeprefix("model.layers.0.") for x in names if ".layers.0.self_attn.indexer" in x}
+    extra = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"}
+    assert mtp == main3 | full0 | extra
+    layers = {int(x.split(".")[2]) for x in names if x.startswith("model.layers.")}
+    assert layers == set(range(n + 1))
 
 
 def test_tokenizer_and_chat_template():
@@ -138,9 +155,12 @@ def hf_model():
 
 
 def test_loads_with_no_missing_or_unexpected_keys(hf_model):
+    """transformers has no MTP layer: the only keys it does not use are the MTP layer's."""
     _, info = hf_model
+    c = _config()
     assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
+    mtp_layers = set(range(c["num_hidden_layers"], c["num_hidden_layers"] + _n_mtp()))
+    assert {int(k.split(".")[2]) for k in info["unexpected_keys"]} == mtp_layers
     assert not info["mismatched_keys"]
 
 
@@ -203,3 +223,38 @@ def test_greedy_samples_are_english():
         assert len(words) >= 2, s  # greedy output may end early at <|endoftext|>
         alpha = sum(w.isalpha() for w in words) / len(words)
         assert alpha >= 0.7, s
+
+
+def test_mtp_metrics_recomputed_by_the_reference():
+    """metrics.json's MTP figures, recomputed with tests/mtp_reference.py (transformers' own
+    decoder layer, eager attention) on every held-out window."""
+    pytest.importorskip("transformers")
+    import torch
+    from tokenizers import Tokenizer
+
+    from tests.mtp_reference import MtpReference
+
+    m = _metrics()
+    rec = m["mtp"]
+    ref = MtpReference(DEMO)
+    ids = Tokenizer.from_file(str(DEMO / "tokenizer.json")).encode(HELDOUT.read_text()).ids
+    window = m["window"]
+    agree_main = agree_true = count = 0
+    for i in range(m["num_windows"]):
+        w = ids[i * window : (i + 1) * window]
+        h = ref.main_hidden(w)  # post-final-norm [T, D]
+        logits, _ = ref.forward(w, g=torch.cat([torch.zeros_like(h[:1]), h[:-1]]))
+        draft = logits[1:-1].argmax(-1)  # q = 1 .. window-2, predicting t_{q+1}
+        greedy = (h @ ref.main.lm_head.weight.T)[1:-1].argmax(-1)
+        target = torch.tensor(w[2:])
+        agree_main += (draft == greedy).sum().item()
+        agree_true += (draft == target).sum().item()
+        count += target.numel()
+    assert count == rec["positions"]
+    # eager vs sdpa attention may flip a near-tied argmax now and then: 0.1 % of positions
+    assert agree_main / count == pytest.approx(rec["top1_agree_main_greedy"], abs=1e-3)
+    assert agree_true / count == pytest.approx(rec["top1_agree_true_next"], abs=1e-3)
+    assert rec["accept_length_greedy_1"] == pytest.approx(
+        1 + rec["top1_agree_main_greedy"], abs=1e-4
+    )
+    assert rec["top1_agree_true_next"] > 0.1  # learned: the commonest token is 4.2 % of the text
