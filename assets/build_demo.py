@@ -581,7 +581,7 @@ def training_batches(train_ids: list[list[int]], seq_len: int, batch_size: int, 
 # MTP layer (--mtp-only)
 # --------------------------------------------------------------------------------------------
 
-MTP_STEPS, MTP_LR, MTP_DENSE, MTP_DISTILL = 500, 3e-3, 60, 1.0
+MTP_STEPS, MTP_LR, MTP_DENSE, MTP_DISTILL = 700, 3e-3, 60, 1.0
 MTP_SIM_PROMPTS, MTP_SIM_PROMPT_LEN, MTP_SIM_NEW = 16, 48, 96  # simulated greedy decoding
 
 

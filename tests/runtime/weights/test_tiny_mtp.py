@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -78,17 +76,18 @@ def test_fixtures_have_one_mtp_layer(tiny_dsa_mtp, tiny_glm4_mtp):
         assert json.loads((d / "config.json").read_text())["num_nextn_predict_layers"] == 1
 
 
-def test_make_tiny_mtp_flag(tmp_path):
+def test_make_tiny_mtp_flag(tmp_path, capsys):
+    from app.cli import run
+
     out = tmp_path / "ck"
-    cmd = [sys.executable, "-m", "app.cli", "make-tiny", "--arch", "glm4_moe", "--out", str(out)]
-    r = subprocess.run([*cmd, "--mtp", "1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "1 MTP layer" in r.stdout
+    argv = ["make-tiny", "--arch", "glm4_moe", "--out", str(out)]
+    assert run([*argv, "--mtp", "1"]) == 0
+    assert "1 MTP layer" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
     assert "model.layers.3.eh_proj.weight" in load_file(str(out / "model.safetensors"))
-    r = subprocess.run([*cmd, "--mtp", "-1"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.count("\n") == 1 and "--mtp" in r.stderr
+    assert run([*argv, "--mtp", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--mtp" in err and "Traceback" not in err
 
 
 def test_mtp_count_is_checked(tmp_path):
