@@ -58,6 +58,7 @@ class Engine:
         from runtime.weights.placement import LoadOptions, WeightPlan
 
         ckpt = Checkpoint(self.model_dir)
+        self.draft_tokens = self._draft_tokens(c)
         self.weight_plan = WeightPlan(  # quantization, expert offload, fit check (may raise)
             LoadOptions(
                 quant=c.quant,
@@ -68,13 +69,13 @@ class Engine:
                 expert_cpu_compute=c.expert_cpu_compute,
                 gpu_mem=c.gpu_mem,
                 cpu_mem=c.cpu_mem,
+                mtp_layers=1 if self.draft_tokens else 0,
             ),
             self.model_config,
             ckpt,
             self.dtype,
             self.device,
         )
-        self.draft_tokens = self._draft_tokens(c)
         self.model = build_model(
             self.model_config,
             ckpt,

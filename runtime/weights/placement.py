@@ -49,6 +49,7 @@ class LoadOptions:
     expert_cpu_compute: bool = False  # cold experts on the CPU when cheaper than the copy
     gpu_mem: int | None = None  # bytes for weights per GPU; None: free memory
     cpu_mem: int | None = None  # bytes of host memory for weights; None: MemAvailable
+    mtp_layers: int = 0  # MTP layers loaded too (speculative decoding): 0 or 1
 
 
 def parse_expert_cache(text: str) -> tuple[str, float]:
@@ -117,11 +118,18 @@ class Footprint:
 
 
 def footprint(
-    cfg: ModelConfig, ckpt: Checkpoint, dtype: torch.dtype, quant: str, keep_fp8: bool = False
+    cfg: ModelConfig,
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    quant: str,
+    keep_fp8: bool = False,
+    mtp_layers: int = 0,
 ) -> Footprint:
     """Sizes from the checkpoint's shapes only (nothing is read); a tied LM head has no tensor of
-    its own and costs nothing extra."""
-    layers = [0] * cfg.num_layers
+    its own and costs nothing extra. ``mtp_layers``: the MTP layers loaded (their experts
+    count as one more MoE layer's)."""
+    n_layers = cfg.num_layers + mtp_layers
+    layers = [0] * n_layers
     embed = head = 0
     for name in ckpt.keys():
         if name.endswith(fp8.SCALE_SUFFIX) or ".mlp.experts." in name:
@@ -135,7 +143,7 @@ def footprint(
             n = numel * dtype.itemsize
         if name.startswith("model.layers."):
             li = int(name.split(".")[2])
-            if li < cfg.num_layers:  # MTP layers are not loaded
+            if li < n_layers:  # MTP layers beyond those loaded are not
                 layers[li] += n
         elif name.startswith("model.embed_tokens."):
             embed += n
@@ -146,7 +154,7 @@ def footprint(
     if quant != "none" and cfg.tie_word_embeddings and not ckpt.has("lm_head.weight"):
         head += linear_nbytes(cfg.vocab_size, cfg.hidden_size, HEAD_METHOD, dtype)  # a copy
     fmt = ExpertFormat(quant, dtype, cfg.hidden_size, cfg.moe_intermediate_size)
-    n_moe = sum(t == "sparse" for t in cfg.mlp_layer_types)
+    n_moe = sum(t == "sparse" for t in cfg.mlp_layer_types) + mtp_layers
     return Footprint(embed, head, tuple(layers), fmt.nbytes, n_moe * cfg.n_routed_experts)
 
 
@@ -173,7 +181,9 @@ class WeightPlan:
         self.fp8_block = fp8.block_size(ckpt.dir)
         self.fmt = ExpertFormat(self.quant, dtype, cfg.hidden_size, cfg.moe_intermediate_size)
         self.moe_layers = [i for i, t in enumerate(cfg.mlp_layer_types) if t == "sparse"]
-        self.fp = footprint(cfg, ckpt, dtype, self.quant, self.keep_fp8)
+        mtp = options.mtp_layers if cfg.n_routed_experts > 0 else 0
+        self.moe_layers += [cfg.num_layers + i for i in range(mtp)]  # the MTP layer's MoE
+        self.fp = footprint(cfg, ckpt, dtype, self.quant, self.keep_fp8, options.mtp_layers)
         self.offload = options.expert_cache is not None and bool(self.moe_layers)
         # bf16 linear weights prepacked for oneDNN (runtime/weights/dense_cpu.py): CPU, no
         # --quant, a CPU with oneDNN bf16 kernels, a model too large for a frozen compiled step
@@ -296,7 +306,9 @@ class WeightPlan:
             n = min((budget - fp.non_expert) // fp.expert, fp.num_experts)
             return f"fits with --expert-cache {n} (routed experts {where})"
         if self.quant != "int4":
-            q = footprint(self.cfg, self.ckpt, self.dtype, "int4")
+            q = footprint(
+                self.cfg, self.ckpt, self.dtype, "int4", mtp_layers=self.options.mtp_layers
+            )
             if self.moe_layers and budget - q.non_expert >= q.expert:
                 n = min((budget - q.non_expert) // q.expert, q.num_experts)
                 return f"fits with --quant int4 --expert-cache {n}"
@@ -348,7 +360,7 @@ class WeightPlan:
             store,
             self.capacity,
             self.device,
-            self.cfg.num_layers,
+            self.cfg.num_layers + self.options.mtp_layers,
             self.moe_layers,
             policy=self.options.expert_policy,
             prefetch=self.options.expert_prefetch,

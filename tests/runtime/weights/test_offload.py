@@ -116,4 +116,5 @@ def test_demo_model_offloaded_gives_the_same_text():
     assert e.generate(ids, max_new_tokens=48, ignore_eos=True) == ref
     e.weight_plan.cache.drain()
     s = e.weight_plan.stats()
-    assert s.capacity == 6 and s.prefetch_useful > 0 and s.prefetch_accuracy > 0.5
+    # 25 % of 4 MoE layers x 8 experts: the 3 main MoE layers and the MTP layer's (drafting)
+    assert s.capacity == 8 and s.prefetch_useful > 0 and s.prefetch_accuracy > 0.5
