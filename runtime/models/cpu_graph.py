@@ -640,6 +640,17 @@ class CpuDecodeGraph:
             s.n == 1 and s.offset == b for b, s in enumerate(batch.seqs)
         )
 
+    def _compiled(self, bucket):
+        """The bucket's compiled step, or None: no bucket fits (too large a batch), or it is
+        not compiled yet (queued; this step runs eagerly)."""
+        if bucket is None:
+            return None
+        fn = self._ready.get(bucket)
+        if fn is None:
+            self.request(bucket)
+            self.steps_eager += 1
+        return fn
+
     def run_spec(self, kind: str, batch: ForwardBatch, pool: KVPool, prev=None):
         """A speculative step through its compiled bucket, or None (run it eagerly; the
         bucket is queued). ``kind`` "verify": the main model over n tokens per sequence ->
@@ -657,12 +668,8 @@ class CpuDecodeGraph:
             return None
         b, end = len(batch.seqs), max(s.end for s in batch.seqs)
         bucket = spec_bucket(kind, b, n, end)
-        if bucket is None:
-            return None
-        fn = self._ready.get(bucket)
+        fn = self._compiled(bucket)
         if fn is None:
-            self.request(bucket)
-            self.steps_eager += 1
             return None
         bb, cols = bucket[:2]
         ctx_rows = torch.zeros((bb * n, cols), dtype=torch.long)
@@ -703,12 +710,8 @@ class CpuDecodeGraph:
         b = len(batch.seqs)
         end = max(s.end for s in batch.seqs)
         bucket = bucket_of(b, end)
-        if bucket is None:
-            return None
-        fn = self._ready.get(bucket)
+        fn = self._compiled(bucket)
         if fn is None:
-            self.request(bucket)
-            self.steps_eager += 1
             return None
         bb, cols = bucket
         ctx_rows = torch.zeros((bb, cols), dtype=torch.long)
