@@ -151,16 +151,23 @@ def chaos_report(args) -> dict:
                     steps["compiled"] += e.cpu_graph.steps_compiled
                     steps["eager"] += e.cpu_graph.steps_eager
                 if mode == "on":
-                    clean = res
+                    clean, clean_events = res, list(e.monitor.events)
         t_on, t_off = min(times["on"][1:]), min(times["off"][1:])
         ref = {tuple(r.prompt_ids): r.output_ids for r in clean.values()}
         false_pos = sum(len(r.violations) for r in clean.values())
+        flags = [ev.detail for ev in clean_events if ev.kind == "acceptance"]
         report["clean"] = {
             "tokens": sum(len(r.output_ids) for r in clean.values()),
             "false_positives": false_pos,
             "overhead_pct": round(100 * (t_on - t_off) / t_off, 1) if t_off > 0 else None,
             "seconds_on_off": [round(t_on, 3), round(t_off, 3)],
             "decode_steps_cpu_graph": steps,
+            # the acceptance detector on the clean run: requests judged garbled (drafts keep
+            # failing) or looping (a small model's text loops; not credited to faults)
+            "acceptance_flags": {
+                "garbled": sum(f.startswith("accept length") for f in flags),
+                "looping": sum(f.startswith("accept rate") for f in flags),
+            },
         }
         for kind, rate in kinds.items():
             ic = replace(base.integrity, faults={kind: rate}, bypass_drain=args.bypass_drain)

@@ -69,6 +69,12 @@ def print_report(rep: dict) -> None:
         "to its first detection"
     )
     print(f"overhead of the default checks on decode: {rep['overhead_pct']} %")
+    flags = rep.get("clean", {}).get("acceptance_flags")
+    if flags and sum(flags.values()):
+        print(
+            f"acceptance detector on the clean run: {flags['garbled']} requests judged "
+            f"garbled (det:acceptance counts only these), {flags['looping']} looping"
+        )
     graph = rep.get("clean", {}).get("decode_steps_cpu_graph")
     if graph and sum(graph.values()):
         print(

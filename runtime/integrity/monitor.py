@@ -68,13 +68,14 @@ class IntegrityMonitor(StepHooks):
         kv.pool.read_guard = self.read_guard
         self._t0 = time.monotonic()
 
-    def event(self, rid: str, kind: str, detail: str, pages=()) -> None:
-        """Log an event; a detector's event (kind in DETECTORS) also credits the injected
-        faults that touched these pages or this request (runtime/integrity/ledger.py)."""
+    def event(self, rid: str, kind: str, detail: str, pages=(), credit: bool = True) -> None:
+        """Log an event; a detector's event (kind in DETECTORS, unless ``credit`` is False)
+        also credits the injected faults that touched these pages or this request
+        (runtime/integrity/ledger.py)."""
         self.events.append(
             IntegrityEvent(time.monotonic() - self._t0, rid, kind, detail, tuple(pages))
         )
-        if kind in DETECTORS:
+        if kind in DETECTORS and credit:
             self.faults.ledger.flagged(kind, self.faults.step, pages, (rid,))
 
     # ---- inside the forward: every read goes through here -----------------------------------
@@ -158,7 +159,11 @@ class IntegrityMonitor(StepHooks):
         if reason is not None:  # the speculative acceptance detector: a kind of its own
             if not getattr(req, "_acceptance_flagged", False):
                 req._acceptance_flagged = True
-                self.event(req.request_id, "acceptance", reason)
+                # a garbled-looking request (drafts keep failing) points at the KV the target
+                # read; a looping one at the text (a small model loops on its own): only the
+                # first is credited to injected KV faults
+                garbled = reason.startswith("accept length")
+                self.event(req.request_id, "acceptance", reason, credit=garbled)
             verdict = replace(verdict, reasons=(*verdict.reasons, "acceptance: " + reason))
             verdict = replace(verdict, verdict=worst(verdict.verdict, "suspect"))
         return apply_text_checks(req, verdict, req._prompt_text)
