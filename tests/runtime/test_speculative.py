@@ -385,3 +385,33 @@ def test_demo_speculation_is_lossless_and_accepts():
         e.close()
     assert outs[2] == outs[0] and outs[3] == outs[0]
     assert min(lengths[2]) > 1.5 and min(lengths[3]) > 1.5
+
+
+def test_acceptance_flags_a_request_whose_target_kv_went_bad():
+    """The incident's signal: when the target reads corrupted KV that the draft layer does not
+    (one reader's stale rows, as the DSA indexer-key cache in the incident), drafts stop being
+    accepted and the acceptance detector flags the request as garbled. Here the main layers'
+    rows of one demo request are overwritten with noise mid-generation; its MTP rows are not."""
+    from pathlib import Path
+
+    from runtime.integrity.config import IntegrityConfig
+
+    demo = Path(__file__).resolve().parents[2] / "assets" / "demo"
+    prompts = ["The function returns", "This method is called when"]
+    ic = IntegrityConfig(accept_after_tokens=16, accept_window=8)
+    e = Engine(demo, EngineConfig(speculative=2, cpu_graph="off", page_size=16, integrity=ic))
+    rids = [e.submit(p, max_new_tokens=48, ignore_eos=True) for p in prompts]
+    for _ in range(6):
+        e.step()
+    g = torch.Generator().manual_seed(0)
+    seq = e.sched.get(rids[0])
+    rows = token_rows(seq.pages, 0, seq.computed, 16)
+    for layer in range(e.model_config.num_layers):  # the main layers only
+        for plane in e.pool.planes:
+            flat = e.pool.flat(layer, plane)
+            flat[rows] += torch.randn(flat[rows].shape, generator=g) * flat[rows].std() * 3
+    e.run_until_done()
+    garbled = {ev.request_id for ev in e.monitor.events if ev.detail.startswith("accept length")}
+    assert garbled == {rids[0]}
+    assert e.request(rids[0]).verdict == "suspect"
+    e.close()
