@@ -79,32 +79,19 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
         help="draft tokens per step from the MTP layer; auto: on when the checkpoint has MTP "
         "layers (default); off (or 0): no drafts",
     )
-    g.add_argument(
-        "--accept-min-length",
-        default=str(d.accept_min_length),
-        metavar="X",
-        help=f"acceptance detector: flag accept length below X (default {d.accept_min_length})",
+    thresholds = (  # flag, default, metavar, what it sets
+        ("--accept-min-length", d.accept_min_length, "X", "flag accept length below X"),
+        ("--accept-max-rate", d.accept_max_rate, "R", "flag accept rate above R in [0, 1]"),
+        ("--accept-after", d.accept_after_tokens, "N", "judge a request once it made N tokens"),
+        ("--accept-window", d.accept_window, "N", "judge the last N verify steps"),
     )
-    g.add_argument(
-        "--accept-max-rate",
-        default=str(d.accept_max_rate),
-        metavar="R",
-        help=f"acceptance detector: flag accept rate above R in [0, 1] (default "
-        f"{d.accept_max_rate})",
-    )
-    g.add_argument(
-        "--accept-after",
-        default=str(d.accept_after_tokens),
-        metavar="N",
-        help=f"acceptance detector: judge a request once it generated N tokens (default "
-        f"{d.accept_after_tokens})",
-    )
-    g.add_argument(
-        "--accept-window",
-        default=str(d.accept_window),
-        metavar="N",
-        help=f"acceptance detector: judge the last N verify steps (default {d.accept_window})",
-    )
+    for flag, default, metavar, what in thresholds:
+        g.add_argument(
+            flag,
+            default=str(default),
+            metavar=metavar,
+            help=f"acceptance detector: {what} (default {default})",
+        )
 
 
 def parse_speculative(text: str, flag: str = "--speculative") -> int | None:

@@ -30,19 +30,11 @@ from runtime.weights.quant import resident_experts
 from runtime.weights.quant_cpu import Int4CpuStack, Int8CpuStack
 from runtime.weights.tiny import write_tiny
 from tests.runtime.test_cpu_graph import _batch, _cxx, _generate, _uncompiled
+from tests.runtime.weights.test_quant_cpu import SHAPES as KERNEL_SHAPES
 
 PAGE = 4
 # dimensions the int4 CPU kernel takes (N % 16, whole groups); int8 takes anything
-SHAPES = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_hidden_layers=2,
-)
+SHAPES = {**KERNEL_SHAPES, "num_hidden_layers": 2}
 # GLM-5's MLA / indexer widths, likewise (the tiny defaults' 40 / 24 / 12 fall back to the
 # portable int4 weight, which the compiled step does not take)
 MLA = dict(q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
