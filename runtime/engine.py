@@ -38,6 +38,7 @@ from runtime.prompts import encode_prompt, eos_ids
 from runtime.request import Request
 from runtime.sampling import SamplingParams, make_generator, sample
 from runtime.snapshot import EngineStats, EngineView, build_snapshot
+from runtime.speculative import DEFAULT_DRAFT_TOKENS, AcceptStats, Drafter, accept
 from runtime.step_hooks import StepChecks, StepHandles
 from runtime.telemetry import TokenEvent, TokenVerdict
 from runtime.tokenizer import StreamDecoder, Tokenizer
@@ -113,8 +114,6 @@ class Engine:
         self.runner = self._runner(c)
         self.drafter = None
         if self.draft_tokens:
-            from runtime.speculative import Drafter
-
             self.drafter = Drafter(
                 self.model, self.pool, c.page_size, self.draft_tokens, self.runner
             )
@@ -143,8 +142,6 @@ class Engine:
 
     def _draft_tokens(self, c: EngineConfig) -> int:
         """Draft tokens per step: --speculative N, or auto (on with an MTP layer)."""
-        from runtime.speculative import DEFAULT_DRAFT_TOKENS
-
         has_mtp = self.model_config.num_nextn_predict_layers > 0
         if c.speculative is None:
             return DEFAULT_DRAFT_TOKENS if has_mtp else 0
@@ -440,15 +437,11 @@ class Engine:
             state = req.generator.get_state()
             ctx = req.tokens[: w.stop - w.n_draft]
             if w.n_draft:  # verify the drafts: accepted ones, then the target's token
-                from runtime.speculative import accept
-
                 drafts = list(w.token_ids[len(w.token_ids) - w.n_draft :])
                 probs = self.drafter.draft_probs.get(rid)
                 got = accept(rows, drafts, probs, req.params, req.generator)
                 sampled[rid] = got
                 if req.spec is None:
-                    from runtime.speculative import AcceptStats
-
                     req.spec = AcceptStats()
                 req.spec.note(len(drafts), len(got) - 1)
                 self._spec_tags[rid] = ["accepted"] * (len(got) - 1) + ["target"]
