@@ -181,7 +181,9 @@ def run_bench(args, argv: list[str]) -> dict:
     if econf.kv_disk:  # a disk cache that outlives this run must not serve our "cold" prompts
         seed = args.seed * 1_000_003 + random.SystemRandom().getrandbits(31)
     prompts = Prompts(seed, cfg.vocab_size, plen)
-    spec_values = bench_spec.spec_values(args.spec_compare, cfg.num_nextn_predict_layers > 0)
+    spec_values = bench_spec.spec_values(
+        args.spec_compare, cfg.num_nextn_predict_layers > 0, econf.resolve_device()
+    )
     shapes = {f"b{b}": b for b in BATCHES}
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     notes: list[str] = []

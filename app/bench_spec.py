@@ -21,11 +21,11 @@ from runtime.errors import KvscopeError
 SPEC_PROMPTS = 60_000  # prompt indices of these rows (apart from the other rows')
 
 
-def spec_values(text: str, has_mtp: bool) -> list[int]:
+def spec_values(text: str, has_mtp: bool, device="cpu") -> list[int]:
     """--spec-compare 'off,auto' / 'off,1,2,3' / 'none' -> draft tokens per value (0 = off);
     [] when there is nothing to compare. 'default': off and auto when the model has MTP
-    layers, nothing otherwise."""
-    from runtime.speculative import DEFAULT_DRAFT_TOKENS
+    layers, nothing otherwise; auto is the engine's default on `device`."""
+    from runtime.speculative import default_draft_tokens
 
     t = text.strip().lower()
     if t == "none" or (t == "default" and not has_mtp):
@@ -34,7 +34,7 @@ def spec_values(text: str, has_mtp: bool) -> list[int]:
     values: list[int] = []
     for part in parts:
         v = parse_speculative(part, "--spec-compare")
-        v = (DEFAULT_DRAFT_TOKENS if has_mtp else 0) if v is None else v
+        v = (default_draft_tokens(device) if has_mtp else 0) if v is None else v
         if v and not has_mtp:
             raise KvscopeError(
                 f"--spec-compare {text}: the model has no MTP layers; use --spec-compare none"

@@ -38,7 +38,7 @@ from runtime.prompts import encode_prompt, eos_ids
 from runtime.request import Request
 from runtime.sampling import SamplingParams, make_generator, sample
 from runtime.snapshot import EngineStats, EngineView, build_snapshot
-from runtime.speculative import DEFAULT_DRAFT_TOKENS, AcceptStats, Drafter, accept
+from runtime.speculative import AcceptStats, Drafter, accept, default_draft_tokens
 from runtime.step_hooks import StepChecks, StepHandles
 from runtime.telemetry import TokenEvent, TokenVerdict
 from runtime.tokenizer import StreamDecoder, Tokenizer
@@ -101,6 +101,7 @@ class Engine:
             mtp_lookahead=max(1, self.draft_tokens) if self.draft_tokens else 0,
         )
         self.pool, self.sched = self.kv.pool, self.kv.sched
+        self.sched.max_positions = self.model_config.max_position_embeddings
         kv = self.kv
         handles = StepHandles(
             kv.pool, kv.alloc, kv.tiers, kv.host, kv.disk, self.sched.get, c.page_size, self.device
@@ -144,7 +145,7 @@ class Engine:
         """Draft tokens per step: --speculative N, or auto (on with an MTP layer)."""
         has_mtp = self.model_config.num_nextn_predict_layers > 0
         if c.speculative is None:
-            return DEFAULT_DRAFT_TOKENS if has_mtp else 0
+            return default_draft_tokens(self.device) if has_mtp else 0
         if c.speculative < 0:
             raise KvscopeError(f"--speculative {c.speculative}: give a number of draft tokens >= 0")
         if c.speculative and not has_mtp:
@@ -401,10 +402,26 @@ class Engine:
                     continue
                 got = sampled[rid]
                 new = [got] if isinstance(got, int) else list(got)
+                if self._finishes(rid, new):
+                    continue  # nothing left to draft for
                 after[rid] = self._active[rid].tokens + new
             else:
                 after[rid] = self._active[rid].tokens
         return self.drafter.extend(batch, fb, hidden, after, self._active)
+
+    def _tokens_left(self, rid: str) -> int:
+        """Tokens request `rid` may still generate (>= 1 while it is scheduled)."""
+        seq = self.sched.get(rid)
+        return max(1, seq.max_new_tokens - len(seq.output)) if seq is not None else 1
+
+    def _finishes(self, rid: str, new: list[int]) -> bool:
+        """Do the tokens `new` end request `rid` (its length or a stop token)?"""
+        seq = self.sched.get(rid)
+        if seq is None:
+            return True
+        return len(seq.output) + len(new) >= seq.max_new_tokens or any(
+            t in seq.stop_ids for t in new
+        )
 
     def _check_stall(self, batch) -> list[TokenEvent]:
         """Never spin forever: if nothing can run, nothing is in flight and nothing will land,
@@ -440,12 +457,17 @@ class Engine:
                 drafts = list(w.token_ids[len(w.token_ids) - w.n_draft :])
                 probs = self.drafter.draft_probs.get(rid)
                 got = accept(rows, drafts, probs, req.params, req.generator)
+                # drafts verified past the request's last token (Scheduler.step): the tokens
+                # it can still take, and the stats count only the drafts that could be kept
+                left = self._tokens_left(rid)
+                got, useful = got[:left], min(len(drafts), left - 1)
                 sampled[rid] = got
                 if req.spec is None:
                     req.spec = AcceptStats()
-                req.spec.note(len(drafts), len(got) - 1)
+                if useful:
+                    req.spec.note(useful, len(got) - 1)
                 self._spec_tags[rid] = ["accepted"] * (len(got) - 1) + ["target"]
-                self._spec_rejected[rid] = len(drafts) - len(got) + 1
+                self._spec_rejected[rid] = useful - (len(got) - 1)
                 ctx, last = ctx + got[:-1], rows[len(got) - 1]
             else:
                 last = rows[-1]

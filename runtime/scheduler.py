@@ -123,6 +123,9 @@ class Scheduler:
         self.preempt_mode = preempt
         self.clock = clock
         self.mtp_lookahead = mtp_lookahead
+        # The model's context (positions 0 .. max_positions - 1; None: unbounded): drafts are
+        # verified only at positions inside it.
+        self.max_positions: int | None = None
         self._seqs: dict[str, SeqState] = {}
         self._waiting: deque[SeqState] = deque()
         self._running: list[SeqState] = []
@@ -195,9 +198,14 @@ class Scheduler:
             if seq.status != "running":  # preempted by an older sequence this step
                 continue
             n = min(len(seq.tokens) - seq.computed, budget)
-            if n == 1:  # decoding: verify the drafts too, within the budget and the length
-                left = seq.max_new_tokens - len(seq.output) - 1
-                n += max(0, min(len(seq.drafts), budget - 1, left))
+            if n == 1:  # decoding: verify the drafts too, within the budget and the context
+                # Every draft is verified even past the request's last token (commit stops at
+                # it): one verify shape per draft length, so a request's last steps run the
+                # same compiled step as the others (runtime/models/cpu_graph.py).
+                room = len(seq.drafts)
+                if self.max_positions is not None:
+                    room = self.max_positions - 1 - seq.computed
+                n += max(0, min(len(seq.drafts), budget - 1, room))
             if self._ensure_pages(seq, self._rows_upto(seq, n), work, preempted):
                 work.append((seq, n))
                 budget -= n
@@ -299,7 +307,11 @@ class Scheduler:
         stop = seq.computed + n if stop is None else stop
         if not self.mtp_lookahead:
             return stop
-        return max(stop, min(stop + self.mtp_lookahead, len(seq.prompt) + seq.max_new_tokens))
+        # past the last token only the drafts verified there and their MTP rows (dead rows)
+        last = len(seq.prompt) + seq.max_new_tokens + self.mtp_lookahead
+        if self.max_positions is not None:
+            last = min(last, self.max_positions)
+        return max(stop, min(stop + self.mtp_lookahead, last))
 
     def _admit(self, seq: SeqState) -> str:
         """'ok' (running now), 'wait' (its L3 pages are arriving) or 'full' (no room)."""

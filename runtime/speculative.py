@@ -34,7 +34,16 @@ from runtime.kv.pool import token_rows
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.sampling import SamplingParams, probabilities
 
-DEFAULT_DRAFT_TOKENS = 2  # --speculative auto with an MTP layer (docs/performance.md)
+DEFAULT_DRAFT_TOKENS = 2  # --speculative auto with an MTP layer, GPU (not measured yet)
+CPU_DRAFT_TOKENS = 1  # on the CPU: the fastest measured (docs/performance.md, speculative)
+
+
+def default_draft_tokens(device) -> int:
+    """Draft tokens of --speculative auto on `device` (a model with MTP layers). On the CPU a
+    verify row costs nearly a decode step's compute and every draft an MTP call, so one draft
+    is fastest there (measured on the demo: docs/performance.md); on a GPU a verify of a few
+    rows costs about one, as in the peers' defaults."""
+    return CPU_DRAFT_TOKENS if str(device).startswith("cpu") else DEFAULT_DRAFT_TOKENS
 
 
 @dataclass
@@ -158,8 +167,10 @@ class Drafter:
             if w.sample and known == 1 and not lead and w.start + 1 + n <= cover:
                 a0, stop = w.start + 1, w.start + 1 + n  # fixed shape: k + 1 rows
                 toks = toks + list(w.token_ids[len(toks) - stop :]) if len(toks) < stop else toks
+                nl = n  # fixed shape: every row's logits (the compiled bucket returns them all)
             else:
                 a0, stop = (0 if w.start == 0 else w.start + 1 - lead), end + 1
+                nl = 1
             q = torch.arange(a0, stop)
             ids.append(torch.tensor(toks[a0:stop]))
             flat = c.offset + (q - 1 - c.start)  # main row of position q - 1
@@ -170,7 +181,6 @@ class Drafter:
             pos.append(q)
             ctx = token_rows(w.page_table, 0, stop, self.ps)
             rows.append(ctx[a0:])
-            nl = stop - a0 if stop > end + 1 else 1  # fixed shape: every row's logits
             chunk = SeqChunk(
                 a0, stop, off, ctx.to(dev), w.request_id, list(w.page_table), n_logits=nl
             )

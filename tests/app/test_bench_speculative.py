@@ -19,9 +19,10 @@ SMALL += ["--page-size", "4", "--peers", "none", "--no-cached", "--cpu-graph", "
 
 
 def test_spec_values():
-    assert spec_values("default", True) == [0, 2] and spec_values("default", False) == []
+    assert spec_values("default", True) == [0, 1] and spec_values("default", False) == []
+    assert spec_values("default", True, "cuda") == [0, 2]  # auto: the engine's device default
     assert spec_values("off,1,3", True) == [0, 1, 3] and spec_values("none", True) == []
-    assert spec_values("auto, off", True) == [2, 0]
+    assert spec_values("auto, off", True) == [1, 0]
     for bad in ("off", "off,0", "off,x", "off,-2"):
         with pytest.raises(KvscopeError, match="--spec-compare"):
             spec_values(bad, True)
@@ -35,7 +36,7 @@ def test_bench_speculation_rows(tmp_path, tiny_glm4_mtp, capsys):
     assert main(argv + SMALL + ["--spec-compare", "off,1,3", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
-    assert res["settings"]["kvscope_speculative"] == 2  # the table's contender: auto
+    assert res["settings"]["kvscope_speculative"] == 1  # the table's contender: auto (1 on the CPU)
     spec = res["speculation"]
     assert spec["values"] == [0, 1, 3] and set(spec["shapes"]) == {"b1", "b8"}
     for shape, by in spec["shapes"].items():

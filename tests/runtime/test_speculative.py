@@ -337,6 +337,14 @@ def test_speculation_through_the_cpu_graph_steps(mtp_ckpt, monkeypatch):
         e.cpu_graph.wait_idle(60)
     kinds = {b[2] for b in e.cpu_graph.buckets_ready if len(b) > 2}
     assert kinds == {"verify", "mtp"} and e.cpu_graph.steps_compiled > 0
+    # Every draft accepted: the extend after a verify still has its fixed k + 1 rows and runs
+    # through its compiled bucket (it once ran eagerly whenever all drafts were accepted).
+    eager = []
+    real = e.model.draft
+    e.model.draft = lambda b, *a, **kw: eager.append([s.n for s in b.seqs]) or real(b, *a, **kw)
+    _oracle(e, full, corrupt=0.0)
+    assert _run(e, prompts) == ref
+    assert not [ns for ns in eager if all(n == 3 for n in ns)], eager
     e.close()
 
 
@@ -415,3 +423,37 @@ def test_acceptance_flags_a_request_whose_target_kv_went_bad():
     assert garbled == {rids[0]}
     assert e.request(rids[0]).verdict == "suspect"
     e.close()
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 6])
+def test_last_steps_verify_every_draft_and_stop_at_the_length(tiny_glm4_mtp, max_new):
+    """A request's last steps verify all k drafts even past its last token (one verify shape
+    per k, so compiled steps serve them): it still ends at exactly max_new_tokens with the
+    tokens of a run without drafts, and its stats count only the drafts it could keep."""
+    prompts = _prompts(11, 4)
+    ref = _run(_engine(tiny_glm4_mtp, 0), prompts, n=max_new)
+    e = _engine(tiny_glm4_mtp, 3)
+    seen = []  # (drafts verified, tokens the request could still take) per verify
+    real_step = e.sched.step
+
+    def step():
+        batch = real_step()
+        for w in batch.seqs:
+            if w.n_draft:
+                seq = e.sched.get(w.request_id)
+                seen.append((w.n_draft, seq.max_new_tokens - len(seq.output)))
+        return batch
+
+    e.sched.step = step
+    full = {f"r{i}": p + ref[f"r{i}"] + [7] * 4 for i, p in enumerate(prompts)}
+    _oracle(e, full, corrupt=0.0)  # every draft right: the verify runs into the length
+    got = _run(e, prompts, n=max_new)
+    assert got == ref and all(len(t) == max_new for t in got.values())
+    assert all(n == 3 for n, _ in seen)  # never fewer drafts at the tail
+    if max_new > 1:
+        assert any(left <= 3 for _, left in seen)  # some verify reached past the last token
+    for rid in got:
+        s = e.request(rid).spec
+        if s is not None:
+            assert s.accepted + s.steps <= max_new  # tokens it took from verify steps
+            assert all(d <= max_new - 1 and a <= d for d, a in s.history)
