@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from app.chaos_report import kind_row, print_report
+from app.chaos_report import acceptance_by_prompt, acceptance_vs_clean, kind_row, print_report
 from runtime.engine import Engine, EngineConfig
 from runtime.integrity.config import FAULT_KINDS, IntegrityConfig, parse_inject
 
@@ -154,6 +154,7 @@ def chaos_report(args) -> dict:
                     clean, clean_events = res, list(e.monitor.events)
         t_on, t_off = min(times["on"][1:]), min(times["off"][1:])
         ref = {tuple(r.prompt_ids): r.output_ids for r in clean.values()}
+        clean_accept = acceptance_by_prompt(clean, clean_events)
         false_pos = sum(len(r.violations) for r in clean.values())
         flags = [ev.detail for ev in clean_events if ev.kind == "acceptance"]
         report["clean"] = {
@@ -174,6 +175,9 @@ def chaos_report(args) -> dict:
             cfg = replace(base, kv_disk=str(Path(tmp) / kind), integrity=ic, unsafe=args.unsafe)
             e, res, _ = _run(args.model, cfg, prompts, args.max_new_tokens)
             report["kinds"][kind] = kind_row(e, kind, res, ref, false_pos)
+            report["kinds"][kind]["acceptance_vs_clean"] = acceptance_vs_clean(
+                res, list(e.monitor.events), ref, clean_accept
+            )
     report["overhead_pct"] = report["clean"]["overhead_pct"]
     return report
 

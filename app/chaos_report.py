@@ -39,6 +39,53 @@ def kind_row(e, kind: str, res: dict, ref: dict, false_pos: int) -> dict:
     return row
 
 
+def _accept_rule(detail: str) -> str:
+    return "garbled" if detail.startswith("accept length") else "looping"
+
+
+def _acceptance_by_request(events) -> dict[str, set[str]]:
+    by_rid: dict[str, set[str]] = {}
+    for ev in events:
+        if ev.kind == "acceptance":
+            by_rid.setdefault(ev.request_id, set()).add(_accept_rule(ev.detail))
+    return by_rid
+
+
+def acceptance_by_prompt(res: dict, events) -> dict[tuple, set[str]]:
+    """prompt -> the acceptance rules (garbled / looping) the detector raised for it (for a
+    prompt sent more than once, for any of its requests)."""
+    by_rid, out = _acceptance_by_request(events), {}
+    for rid, r in res.items():
+        out.setdefault(tuple(r.prompt_ids), set()).update(by_rid.get(rid, set()))
+    return out
+
+
+def acceptance_vs_clean(res: dict, events, ref: dict, clean_accept: dict) -> dict:
+    """The acceptance detector on a faulted run, request by request against the same prompt's
+    clean run: a rule it raised here and not there is a flag the fault caused. Counts the
+    requests whose tokens the fault changed (garbled) and those of them it flagged so (by the
+    garbled rule, by the looping rule), and its new flags on requests the fault left intact."""
+    flags = _acceptance_by_request(events)
+    out = {"garbled_requests": 0, "flagged": 0, "by_rule": {"garbled": 0, "looping": 0}}
+    out["flagged_intact"] = 0
+    for rid, r in res.items():
+        if r.finish_reason != "length":
+            continue  # aborted by the injected timeout: nothing to compare
+        key = tuple(r.prompt_ids)
+        new = flags.get(rid, set()) - clean_accept.get(key, set())
+        want = ref[key]
+        bad = any(a != b for a, b in zip(r.output_ids, want, strict=False))
+        bad = bad or len(r.output_ids) != len(want)
+        if bad:
+            out["garbled_requests"] += 1
+            out["flagged"] += bool(new)
+            for rule in new:
+                out["by_rule"][rule] += 1
+        elif new:
+            out["flagged_intact"] += 1
+    return out
+
+
 def _cells(row: dict, detectors: list[str]) -> list[str]:
     frac = row["changed_frac"]
     delay = row["detection_delay_steps"]
@@ -81,6 +128,15 @@ def print_report(rep: dict) -> None:
             f"timed decode steps: {graph['compiled']} through the compiled CPU graph, "
             f"{graph['eager']} eager"
         )
+    for kind, row in rows.items():
+        acc = row.get("acceptance_vs_clean")
+        if acc and (acc["garbled_requests"] or acc["flagged_intact"]):
+            rules = acc["by_rule"]
+            print(
+                f"[{kind}] acceptance vs the clean run: flagged {acc['flagged']} of "
+                f"{acc['garbled_requests']} garbled requests ({rules['garbled']} by accept "
+                f"length, {rules['looping']} by accept rate), {acc['flagged_intact']} intact"
+            )
     for kind, row in rows.items():
         for ex in row["garbled_examples"][:1]:
             print(f"[{kind}] garbled: {ex['got']!r}\n{'':>{len(kind) + 3}}clean:   {ex['want']!r}")

@@ -50,3 +50,37 @@ def test_chaos_bad_inject_is_one_line(tiny_dsa, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if ln.strip()]) == 1 and "cosmic-ray" in err
+
+
+def test_acceptance_attributed_against_the_same_prompts_clean_run():
+    """chaos credits an acceptance flag to a fault only when the same prompt's clean run did
+    not raise that rule, and counts garbled requests (tokens changed) apart from intact ones."""
+    from types import SimpleNamespace as NS
+
+    from app.chaos_report import acceptance_by_prompt, acceptance_vs_clean
+
+    def req(prompt, out, reason="length"):
+        return NS(prompt_ids=prompt, output_ids=out, finish_reason=reason)
+
+    def ev(rid, detail):
+        return NS(kind="acceptance", request_id=rid, detail=detail)
+
+    loop, garb = "accept rate 1.00 > 0.96 (looping output?)", "accept length 1.1 < 1.4 (garbled?)"
+    clean = {"a": req([1], [5, 6]), "b": req([2], [5, 6]), "c": req([3], [7, 8])}
+    clean_acc = acceptance_by_prompt(clean, [ev("a", loop)])
+    assert clean_acc == {(1,): {"looping"}, (2,): set(), (3,): set()}
+    ref = {tuple(r.prompt_ids): r.output_ids for r in clean.values()}
+    faulted = {
+        "x": req([1], [5, 9]),  # garbled, loops as in the clean run: not the fault's flag
+        "y": req([2], [9, 9]),  # garbled, newly looping: flagged
+        "z": req([3], [7, 8]),  # intact, newly flagged garbled
+        "w": req([3], [1], "timeout"),  # aborted: not compared
+    }
+    events = [ev("x", loop), ev("y", loop), ev("z", garb), ev("w", garb)]
+    got = acceptance_vs_clean(faulted, events, ref, clean_acc)
+    assert got == {
+        "garbled_requests": 2,
+        "flagged": 1,
+        "by_rule": {"garbled": 0, "looping": 1},
+        "flagged_intact": 1,
+    }
