@@ -77,6 +77,9 @@ llamacpp: install
 	$(CXX) -O2 -std=c++17 tools/llamacpp/greedy_ids.cpp -I $(LLAMA_SRC)/include \
 	  -I $(LLAMA_SRC)/ggml/include -L $(LLAMA_CACHE)/build/bin -lllama \
 	  -Wl,-rpath,'$$ORIGIN' -o $(LLAMA_CACHE)/build/bin/kvscope-greedy-ids
+	$(CXX) -O2 -std=c++17 tools/llamacpp/logits.cpp -I $(LLAMA_SRC)/include \
+	  -I $(LLAMA_SRC)/ggml/include -L $(LLAMA_CACHE)/build/bin -lllama \
+	  -Wl,-rpath,'$$ORIGIN' -o $(LLAMA_CACHE)/build/bin/kvscope-logits
 	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[test,bench]'
 
 clean:

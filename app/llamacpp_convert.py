@@ -8,7 +8,11 @@ recognized`): our preset tokenizers (runtime/weights/bpe.py) are freshly trained
 is new. Here, in this process only, `TextModel.get_vocab_base_pre` falls back to llama.cpp's
 "gpt-2" pre-tokenizer when, and only when, the checkpoint's tokenizer.json pre-tokenizes with
 ByteLevel's GPT-2 regex (what llama.cpp's "gpt-2" implements); anything else still fails as the
-converter would. No file of llama.cpp's tree is modified.
+converter would. GLM's vocabulary setup also looks up GLM's special tokens ([gMASK],
+<|observation|>, ...) to write the GGUF's bos/eom metadata; a checkpoint whose tokenizer lacks
+some of them (the demo's) gets <|endoftext|>'s id for those, in this process only, with a
+warning (the metadata names a token; no weight or vocabulary entry changes). No file of
+llama.cpp's tree is modified.
 """
 
 from __future__ import annotations
@@ -55,8 +59,43 @@ def main(argv: list[str]) -> None:
             return name
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    _glm_specials_fallback(base)
     sys.argv = [str(script), str(model_dir), *argv[2:]]
     runpy.run_path(str(script), run_name="__main__")
+
+
+GLM_SPECIALS = ("[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>")
+
+
+def _glm_specials_fallback(base) -> None:
+    """Let the converter's `_set_vocab_glm` run on a tokenizer without some GLM special tokens:
+    while it runs, those names resolve to <|endoftext|>'s id (see the module doc)."""
+    original = getattr(base.TextModel, "_set_vocab_glm", None)
+    if original is None:
+        return
+
+    def set_vocab_glm(self) -> None:
+        import transformers
+
+        real = transformers.AutoTokenizer.from_pretrained
+
+        def from_pretrained(*args, **kw):
+            tok = real(*args, **kw)
+            have = tok.get_added_vocab()
+            missing = [t for t in GLM_SPECIALS if t not in have]
+            if missing and "<|endoftext|>" in have:
+                base.logger.warning(f"tokenizer lacks {missing}: <|endoftext|>'s id stands in")
+                filled = have | {t: have["<|endoftext|>"] for t in missing}
+                tok.get_added_vocab = lambda: dict(filled)  # this instance only
+            return tok
+
+        transformers.AutoTokenizer.from_pretrained = from_pretrained
+        try:
+            original(self)
+        finally:
+            transformers.AutoTokenizer.from_pretrained = real
+
+    base.TextModel._set_vocab_glm = set_vocab_glm
 
 
 if __name__ == "__main__":

@@ -59,14 +59,25 @@ def quant_quality(
     total: int = 512,
     dtype: str = "float32",
     device: str = "cpu",
+    peers: str = "none",
     **engine_kw,
 ) -> dict[str, dict[str, float]]:
-    """{method: {kl, kl_max, top1, tokens}} against ``--quant none`` on the same device/dtype."""
+    """{method: {kl, kl_max, top1, tokens}} against ``--quant none`` on the same device/dtype;
+    with peers "llamacpp" also {"llamacpp": {...}} (app/quant_eval_llamacpp.py)."""
     chunks = windows(ids, window, total)
     base = EngineConfig(device=device, dtype=dtype, page_size=16, max_running=1, **engine_kw)
     ref_engine = Engine(model_dir, base)
     refs = [sequence_logits(ref_engine, c) for c in chunks]
     del ref_engine
+    peer = {}
+    if peers == "llamacpp":
+        from app.quant_eval_llamacpp import llamacpp_quality
+
+        peer = {
+            "llamacpp": llamacpp_quality(
+                model_dir, chunks, methods, torch.cat(refs), compare_logits
+            )
+        }
     out = {}
     for m in methods:
         eng = Engine(model_dir, EngineConfig(**{**base.__dict__, "quant": m}))
@@ -74,7 +85,7 @@ def quant_quality(
         r = compare_logits(torch.cat(refs), torch.cat(tests))
         r["tokens"] = sum(len(c) for c in chunks)
         out[m] = r
-    return out
+    return out | peer
 
 
 def add_quant_eval_args(p) -> None:
@@ -86,6 +97,13 @@ def add_quant_eval_args(p) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--methods", default="int8,nf4,int4", help="comma-separated quant methods")
     p.add_argument("--json", metavar="FILE", help="also write the table here")
+    p.add_argument(
+        "--peers",
+        default="none",
+        choices=["none", "llamacpp"],
+        help="llamacpp: also llama.cpp's Q8_0 / Q4_0 against its own F32 on the same windows "
+        "(needs `make llamacpp`; app/quant_eval_llamacpp.py)",
+    )
 
 
 def cmd_quant_eval(args) -> int:
@@ -112,7 +130,16 @@ def cmd_quant_eval(args) -> int:
         v = load_config(args.model).vocab_size
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(2, v, (args.tokens,), generator=g).tolist()
-    res = quant_quality(args.model, ids, methods, args.window, args.tokens, args.dtype, args.device)
+    peers = getattr(args, "peers", "none")
+    if peers == "llamacpp":
+        from app.bench_llamacpp import locate
+
+        locate()  # a missing build fails before anything is computed
+        if args.dtype != "float32":
+            raise KvscopeError("--peers llamacpp compares against F32: use --dtype float32")
+    res = quant_quality(
+        args.model, ids, methods, args.window, args.tokens, args.dtype, args.device, peers=peers
+    )
     text = json.dumps(res, indent=2)
     print(text)
     if args.json:

@@ -345,3 +345,31 @@ def test_run_tool_peak_rss_is_the_childs_own():
     assert 150e6 <= peak < 150e6 + 100e6
     with pytest.raises(KvscopeError, match="exited 3"):
         bl.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_quant_eval_peers_llamacpp_not_built(tmp_path, tiny_glm4, monkeypatch, capsys):
+    monkeypatch.setenv("KVSCOPE_LLAMACPP_DIR", str(tmp_path / "none"))
+    args = ["quant-eval", "--model", str(tiny_glm4), "--tokens", "8", "--window", "4"]
+    assert main(args + ["--peers", "llamacpp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "make llamacpp" in err
+
+
+def test_quant_eval_beside_llamacpp(tmp_path, presets, monkeypatch):
+    """Only where `make llamacpp` built the tools: llama.cpp's Q8_0 / Q4_0 against its own F32
+    on the windows kvscope's int8 / int4 are judged on, and its F32 against kvscope's fp32."""
+    lc, why = bl.available()
+    if lc is None or not Path(lc.tool("kvscope-logits")).is_file():
+        pytest.skip(why or "kvscope-logits not built: run `make llamacpp`")
+    from app.quant_eval import quant_quality
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, SMALL["vocab_size"], (48,), generator=g).tolist()
+    model = presets["glm4_moe"][0]
+    res = quant_quality(model, ids, ("int8", "int4"), window=24, total=48, peers="llamacpp")
+    peer = res["llamacpp"]
+    same = peer["f32_vs_kvscope_fp32"]
+    assert same["tokens"] == 48 and same["kl"] < 1e-3 and same["top1"] >= 0.95
+    assert 0 < peer["q8_0"]["kl"] < peer["q4_0"]["kl"]  # fewer bits, further from F32
+    assert 0 < res["int8"]["kl"] < res["int4"]["kl"]
