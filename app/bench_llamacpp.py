@@ -123,6 +123,7 @@ def ensure_gguf(lc: LlamaCpp, model: Path, gtype: str, log) -> Path:
         log(f"llama.cpp: converting {model} to {gtype.upper()} GGUF")
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if res.returncode != 0:
+            tmp.unlink(missing_ok=True)  # a failed conversion leaves no partial GGUF behind
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
             raise KvscopeError(f"llama.cpp conversion to {gtype} failed: {tail[0]}")
     tmp.replace(out)
