@@ -6,13 +6,11 @@
 //   kvscope-greedy-ids MODEL.gguf N_PREDICT N_THREADS ID,ID,...
 // prints the N_PREDICT generated ids on one line, space-separated (end-of-generation tokens do
 // not stop it: kvscope's bench runs with ignore_eos too).
-#include "llama.h"
+#include "cpu_session.h"
 
 #include <clocale>
 #include <cstdio>
 #include <cstdlib>
-#include <sstream>
-#include <string>
 #include <vector>
 
 static void set_tokens(llama_batch_ext * batch, const llama_token * toks, int32_t n, llama_pos pos0) {
@@ -33,31 +31,15 @@ int main(int argc, char ** argv) {
     }
     const int n_predict = std::atoi(argv[2]);
     const int n_threads = std::atoi(argv[3]);
-    std::vector<llama_token> prompt;
-    std::stringstream ss(argv[4]);
-    for (std::string item; std::getline(ss, item, ',');) {
-        prompt.push_back((llama_token) std::atoi(item.c_str()));
-    }
+    const std::vector<llama_token> prompt = parse_ids(argv[4]);
     if (prompt.empty() || n_predict < 1 || n_threads < 1) {
         fprintf(stderr, "bad arguments\n");
         return 2;
     }
-    llama_backend_init();
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    llama_model * model = llama_model_load_from_file(argv[1], mp);
-    if (model == NULL) {
-        fprintf(stderr, "unable to load %s\n", argv[1]);
-        return 1;
-    }
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = prompt.size() + n_predict;
-    cp.n_batch = prompt.size();
-    cp.n_threads = n_threads;
-    cp.n_threads_batch = n_threads;
-    llama_context * ctx = llama_init_from_model(model, cp);
-    if (ctx == NULL) {
-        fprintf(stderr, "failed to create the context\n");
+    llama_model * model = NULL;
+    llama_context * ctx = NULL;
+    const int32_t n_ctx = (int32_t) prompt.size() + n_predict;
+    if (!open_cpu_session(argv[1], n_ctx, (int32_t) prompt.size(), n_threads, &model, &ctx)) {
         return 1;
     }
     llama_sampler * smpl = llama_sampler_chain_init(llama_sampler_chain_default_params());

@@ -5,13 +5,11 @@
 //
 //   kvscope-logits MODEL.gguf N_THREADS OUT.f32 ID,ID,...
 // writes n x n_vocab float32 (row i: the logits after token i), little-endian, to OUT.f32.
-#include "llama.h"
+#include "cpu_session.h"
 
 #include <clocale>
 #include <cstdio>
 #include <cstdlib>
-#include <sstream>
-#include <string>
 #include <vector>
 
 int main(int argc, char ** argv) {
@@ -21,33 +19,15 @@ int main(int argc, char ** argv) {
         return 2;
     }
     const int n_threads = std::atoi(argv[2]);
-    std::vector<llama_token> ids;
-    std::stringstream ss(argv[4]);
-    for (std::string item; std::getline(ss, item, ',');) {
-        ids.push_back((llama_token) std::atoi(item.c_str()));
-    }
+    const std::vector<llama_token> ids = parse_ids(argv[4]);
     if (ids.empty() || n_threads < 1) {
         fprintf(stderr, "bad arguments\n");
         return 2;
     }
-    llama_backend_init();
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
-    llama_model * model = llama_model_load_from_file(argv[1], mp);
-    if (model == NULL) {
-        fprintf(stderr, "unable to load %s\n", argv[1]);
-        return 1;
-    }
     const int32_t n = (int32_t) ids.size();
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = n;
-    cp.n_batch = n;
-    cp.n_ubatch = n;
-    cp.n_threads = n_threads;
-    cp.n_threads_batch = n_threads;
-    llama_context * ctx = llama_init_from_model(model, cp);
-    if (ctx == NULL) {
-        fprintf(stderr, "failed to create the context\n");
+    llama_model * model = NULL;
+    llama_context * ctx = NULL;
+    if (!open_cpu_session(argv[1], n, n, n_threads, &model, &ctx)) {
         return 1;
     }
     llama_batch_ext * batch = llama_batch_ext_init(ctx);
