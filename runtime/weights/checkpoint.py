@@ -1,7 +1,9 @@
 """Lazy safetensors checkpoint access (single file or sharded with an index).
 
-Files are opened with `safe_open` (memory-mapped); a tensor is materialised only when `get()` is
-called, once, in the dtype asked for. Nothing reads a whole file up front.
+Only the files' headers are read up front; a tensor is read when `get()` is called, with plain
+file reads into memory of its own (not a memory map of the file: the file's pages never count in
+this process's resident memory, so a checkpoint that is quantized or converted at load leaves
+only what the model keeps; docs/performance.md, peak RSS). Nothing reads a whole file at once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from runtime.errors import CheckpointError
 
@@ -19,8 +20,25 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def _check_header(path: Path) -> None:
-    """Reject missing or truncated files with a clear message before safe_open sees them."""
+# safetensors dtype names -> torch dtypes
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _check_header(path: Path) -> tuple[dict, int]:
+    """Reject missing or truncated files with a clear message; (header, offset of the data)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: safetensors file not found; re-download the checkpoint")
     size = path.stat().st_size
@@ -42,6 +60,8 @@ def _check_header(path: Path) -> None:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end}); re-download"
         )
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
 
 class Checkpoint:
@@ -66,17 +86,12 @@ class Checkpoint:
                     f"{self.dir}: no model.safetensors or {INDEX_NAME}; not a checkpoint directory"
                 )
             files, weight_map = shards, None
-        self._handles = {}
+        self._headers: dict[str, tuple[dict, int]] = {}  # file -> (header, data offset)
         self._where: dict[str, str] = {}
         for name in files:
-            path = self.dir / name
-            _check_header(path)
-            try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path}: cannot open ({e})") from None
-            self._handles[name] = handle
-            for key in handle.keys():
+            header, start = _check_header(self.dir / name)
+            self._headers[name] = (header, start)
+            for key in header:
                 self._where[key] = name
         if weight_map is not None:
             missing = [k for k, f in weight_map.items() if self._where.get(k) != f]
@@ -97,7 +112,7 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._need(name)
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._headers[self._where[name]][0][name]["shape"])
 
     def _need(self, name: str) -> None:
         if name not in self._where:
@@ -116,5 +131,31 @@ class Checkpoint:
                 f"{self.file_of(name)}: tensor '{name}' has shape {list(self.shape(name))} but "
                 f"config.json implies {list(expect_shape)}; config and weights do not match"
             )
-        t = self._handles[self._where[name]].get_tensor(name)
+        t = self._read(name)
         return t if dtype is None else t.to(dtype)
+
+    def _read(self, name: str) -> torch.Tensor:
+        """The tensor's bytes read from its file into a fresh buffer (see the module doc)."""
+        file = self._where[name]
+        header, start = self._headers[file]
+        info = header[name]
+        if info.get("dtype") not in DTYPES:
+            raise CheckpointError(
+                f"{self.dir / file}: tensor '{name}' has dtype {info.get('dtype')!r}, which "
+                f"kvscope does not read (one of {', '.join(DTYPES)})"
+            )
+        dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+        lo, hi = (int(x) for x in info["data_offsets"])
+        want = dtype.itemsize * int(torch.Size(shape).numel())
+        if hi - lo != want:
+            raise CheckpointError(
+                f"{self.dir / file}: tensor '{name}' holds {hi - lo} bytes, its shape needs {want}"
+            )
+        if want == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(want)
+        with (self.dir / file).open("rb") as f:
+            f.seek(start + lo)
+            if f.readinto(buf) != want:
+                raise CheckpointError(f"{self.dir / file}: tensor '{name}' is truncated")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)

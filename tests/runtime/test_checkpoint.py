@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,51 @@ def test_legacy_rope_fields():
     raw["rope_theta"] = 500.0
     cfg = parse_config(raw)
     assert cfg.rope.theta == 500.0 and cfg.rotary_dim == 6
+
+
+def test_get_reads_every_dtype_exactly_as_safetensors(tmp_path):
+    """Tensors are read with plain file reads (no memory map): the same values, dtypes and
+    shapes as safetensors' own loader, zero-size tensors included."""
+    g = torch.Generator().manual_seed(0)
+    want = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, 3, generator=g).to(torch.float16),
+        "i8": torch.randint(-128, 127, (9,), dtype=torch.int8, generator=g),
+        "u8": torch.randint(0, 255, (4, 4), dtype=torch.uint8, generator=g),
+        "i64": torch.arange(6).reshape(2, 3),
+        "bool": torch.tensor([True, False, True]),
+        "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(want, str(tmp_path / "model.safetensors"))
+    ref = load_file(str(tmp_path / "model.safetensors"))
+    ck = Checkpoint(tmp_path)
+    for name, t in ref.items():
+        got = ck.get(name)
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got.view(torch.uint8), t.view(torch.uint8)), name
+    assert ck.get("f32", torch.float64).dtype == torch.float64
+
+
+def test_loading_maps_no_checkpoint_file(tiny_glm4):
+    """The checkpoint's pages never count in this process's resident memory: after an engine
+    loaded every weight, no safetensors file of the checkpoint is memory-mapped."""
+    e = Engine(tiny_glm4, EngineConfig(page_size=4, cpu_graph="off"))
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    assert str(tiny_glm4) not in maps and ".safetensors" not in maps
+    assert e.model is not None
+
+
+def test_tensor_bytes_that_disagree_with_the_shape_are_an_error(tmp_path):
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    raw = bytearray((tmp_path / "model.safetensors").read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["w"]["shape"] = [4, 5]  # claims more values than its bytes hold
+    body = json.dumps(header, separators=(",", ":")).encode()
+    assert len(body) <= n
+    body = body.ljust(n)
+    (tmp_path / "model.safetensors").write_bytes(bytes(raw[:8]) + body + bytes(raw[8 + n :]))
+    with pytest.raises(CheckpointError, match="its shape needs"):
+        Checkpoint(tmp_path).get("w")
