@@ -61,6 +61,26 @@ def _check_header(path: Path) -> tuple[dict, int]:
             f"{path}: truncated safetensors file ({size} bytes, needs {8 + n + end}); re-download"
         )
     header.pop("__metadata__", None)
+    # The format's rule (safetensors checks it too): the tensors' byte ranges tile the data
+    # region exactly, in order, without gaps or overlaps.
+    try:
+        spans = sorted(
+            (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for v in header.values()
+        )
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path}: corrupt safetensors header; re-download it") from None
+    at = 0
+    for lo, hi in spans:
+        if lo != at or hi < lo:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (tensor byte ranges overlap or leave gaps); "
+                "re-download it"
+            )
+        at = hi
+    if 8 + n + at != size:
+        raise CheckpointError(
+            f"{path}: {size - 8 - n - at} bytes past the last tensor; re-download"
+        )
     return header, 8 + n
 
 
@@ -116,7 +136,13 @@ class Checkpoint:
 
     def _need(self, name: str) -> None:
         if name not in self._where:
-            raise CheckpointError(f"{self.dir}: tensor '{name}' missing from the checkpoint")
+            # name the file to look at: the one file, or the index of a sharded checkpoint
+            files = list(self._headers)
+            index = self.dir / INDEX_NAME
+            where = (
+                self.dir / files[0] if len(files) == 1 else index if index.is_file() else self.dir
+            )
+            raise CheckpointError(f"{where}: tensor '{name}' missing from the checkpoint")
 
     def get(
         self,
