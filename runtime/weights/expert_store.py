@@ -24,23 +24,9 @@ import torch
 
 from runtime.errors import CheckpointError
 from runtime.weights import fp8
+from runtime.weights.checkpoint import DTYPES as _ST_DTYPES
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.quant import ExpertFormat
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class SafetensorsMmap:
