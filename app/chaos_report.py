@@ -10,6 +10,11 @@ emitted and the clean tokens.
 from __future__ import annotations
 
 
+def corrupt_tokens(got, want) -> int:
+    """Tokens of `got` that differ from the clean run's `want`, a length difference included."""
+    return sum(a != b for a, b in zip(got, want, strict=False)) + abs(len(got) - len(want))
+
+
 def kind_row(e, kind: str, res: dict, ref: dict, false_pos: int) -> dict:
     """The report of one kind's run `e` (an Engine, closed) whose requests are `res`; `ref`:
     prompt -> the clean run's tokens."""
@@ -19,8 +24,7 @@ def kind_row(e, kind: str, res: dict, ref: dict, false_pos: int) -> dict:
         if r.finish_reason != "length":
             continue  # aborted by the injected timeout: nothing to compare
         want = ref[tuple(r.prompt_ids)]
-        bad = sum(a != b for a, b in zip(r.output_ids, want, strict=False))
-        bad += abs(len(r.output_ids) - len(want))
+        bad = corrupt_tokens(r.output_ids, want)
         corrupt += bad
         clean += len(r.output_ids) - min(bad, len(r.output_ids))
         if bad and len(garbled) < 3 and e.tokenizer is not None:
@@ -73,10 +77,7 @@ def acceptance_vs_clean(res: dict, events, ref: dict, clean_accept: dict) -> dic
             continue  # aborted by the injected timeout: nothing to compare
         key = tuple(r.prompt_ids)
         new = flags.get(rid, set()) - clean_accept.get(key, set())
-        want = ref[key]
-        bad = any(a != b for a, b in zip(r.output_ids, want, strict=False))
-        bad = bad or len(r.output_ids) != len(want)
-        if bad:
+        if corrupt_tokens(r.output_ids, ref[key]):
             out["garbled_requests"] += 1
             out["flagged"] += bool(new)
             for rule in new:

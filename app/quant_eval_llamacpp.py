@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bench_llamacpp import ensure_gguf, locate
+from app.bench_llamacpp import QUANT_TYPES, ensure_gguf, locate
 from runtime.errors import KvscopeError
 
 LOGITS_TOOL = "kvscope-logits"
-# kvscope --quant -> the llama.cpp type at the same bits
-PEER_TYPES = {"int8": "q8_0", "int4": "q4_0"}
 
 
 def window_logits(tool: str, gguf: Path, ids: list[int], threads: int = 1) -> torch.Tensor:
@@ -58,6 +56,6 @@ def llamacpp_quality(model_dir, chunks, methods, kvscope_ref, compare, log=print
     tokens = sum(len(c) for c in chunks)
     out = {"f32_vs_kvscope_fp32": {**compare(kvscope_ref, ref), "tokens": tokens}}
     for m in methods:
-        if m in PEER_TYPES:
-            out[PEER_TYPES[m]] = {**compare(ref, logits(PEER_TYPES[m])), "tokens": tokens}
+        if m in QUANT_TYPES:  # kvscope --quant -> the llama.cpp type at the same bits
+            out[QUANT_TYPES[m]] = {**compare(ref, logits(QUANT_TYPES[m])), "tokens": tokens}
     return out
