@@ -42,3 +42,20 @@ def _private_cache_home(tmp_path_factory, monkeypatch):
     """Tests never write into the user's cache: the demo defaults put L3 under
     $XDG_CACHE_HOME/kvscope (app/cache_defaults.py)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """int4 weights through torch's packed int4 kernel (runtime/weights/quant_cpu.py), not
+    kvscope's own q4 kernels (kernels/cpu_q4.py), whichever this CPU would pick."""
+    from kernels import cpu_q4
+
+    monkeypatch.setattr(cpu_q4, "available", lambda: False)
+
+
+def q4_kernels_or_skip():
+    """Skip (with the reason) where kvscope's q4 CPU kernels cannot run on this machine."""
+    from kernels import cpu_q4
+
+    if not cpu_q4.available():
+        pytest.skip(f"kvscope q4 kernels unavailable: {cpu_q4.unavailable_reason()}")

@@ -20,7 +20,7 @@ from runtime.weights import dense_cpu, fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.expert_cache import slot_kernel
 from runtime.weights.quant import (
-    HEAD_METHOD,
+    head_format,
     is_linear_weight,
     quantize_weight,
     resident_experts,
@@ -152,8 +152,9 @@ class CausalLM:
             self.lm_head = self.embed
         else:
             self.lm_head = w("lm_head.weight", (v, d))
-        if w.quant != "none":  # the LM head in int8 under any --quant (runtime/weights/quant.py)
-            self.lm_head = quantize_weight(self.lm_head, HEAD_METHOD)
+        if w.quant != "none":  # int8, or int4 groups of 32 on the CPU (weights/quant.py)
+            method, group = head_format(w.quant, self.device)
+            self.lm_head = quantize_weight(self.lm_head, method, group=group)
         elif w.pack and self.lm_head is not self.embed:
             self.lm_head = dense_cpu.pack(self.lm_head)
         self.layers: list[DecoderLayer] = []

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from runtime.errors import KvscopeError
 
 METHODS = ("none", "nf4", "int8", "int4")
-HEAD_METHOD = "int8"  # the LM head's format under any --quant but none
+HEAD_METHOD = "int8"  # the LM head's format under any --quant but none (see head_format)
 INT4_GROUP = 128
+HEAD_INT4_GROUP = 32  # the LM head's int4 groups on the CPU (finer than the layers': ~4.8 bits)
 INT4_SCALE_DTYPE = torch.float16
 
 # Checkpoint names (suffixes) of weights that the models only use through `linear()`.
@@ -134,18 +135,30 @@ def int4_moe_op(gate_up: Int4Stack, down: Int4Stack):
     return run
 
 
-def quantize_weight(w: torch.Tensor, method: str, storage: bool = False):
+def head_format(method: str, device: torch.device) -> tuple[str, int]:
+    """(method, int4 group) of the LM head under ``--quant method``: int8 everywhere, except
+    int4 on the CPU, where the head is int4 in groups of 32 (~4.8 bits per weight, vs ~4.1 for
+    the layers' groups of 128): at a 32 k vocabulary it is the largest single read of a CPU
+    decode step (int8: 33 MB of ~90), and llama.cpp's Q4_0 files keep it at Q6_K (~6.6 bits).
+    The quality table in docs/performance.md shows what it costs."""
+    if method == "int4" and torch.device(device).type == "cpu":
+        return "int4", HEAD_INT4_GROUP
+    return HEAD_METHOD, INT4_GROUP
+
+
+def quantize_weight(w: torch.Tensor, method: str, storage: bool = False, group: int = INT4_GROUP):
     """W [out, in] in the compute dtype -> a weight usable with linear() (W itself for none).
     On CPU, int4 weights the packed CPU kernel takes come back in its layout (quant_cpu.py);
     ``storage`` asks for the device-independent record format instead (ExpertFormat)."""
     if method == "none":
         return w
     if method == "int4":
-        packed = _int4().quantize_int4(w, INT4_GROUP, INT4_SCALE_DTYPE)
+        packed = _int4().quantize_int4(w, group, INT4_SCALE_DTYPE)
         if w.device.type == "cpu" and not storage:
+            from runtime.weights.q4_cpu import Q4CpuLinear
             from runtime.weights.quant_cpu import Int4CpuLinear
 
-            fast = Int4CpuLinear.from_packed(packed)
+            fast = Q4CpuLinear.from_packed(packed) or Int4CpuLinear.from_packed(packed)
             if fast is not None:
                 return fast
         return Int4Weight(packed)
@@ -269,6 +282,14 @@ def resident_experts(
         return {"gate_up": [pack_bf16(w) for w in gate_up], "down": [pack_bf16(w) for w in down]}
     if method == "none":
         return {"gate_up": gate_up, "down": down}
+    if method == "int4" and gate_up.device.type == "cpu":  # kvscope's own kernels (q4_cpu.py)
+        from runtime.weights.q4_cpu import Q4CpuStack
+
+        gu = Q4CpuStack.from_packed(_int4().quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
+        if gu is not None:
+            dn = Q4CpuStack.from_packed(_int4().quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))
+            if dn is not None:
+                return {"gate_up": gu, "down": dn}
     if method in ("int8", "int4") and gate_up.device.type == "cpu":
         from runtime.weights.quant_cpu import stack_experts
 
