@@ -45,17 +45,17 @@ def _private_cache_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def torch_int4(monkeypatch):
-    """int4 weights through torch's packed int4 kernel (runtime/weights/quant_cpu.py), not
-    kvscope's own q4 kernels (kernels/cpu_q4.py), whichever this CPU would pick."""
-    from kernels import cpu_q4
+def torch_kernels(monkeypatch):
+    """int8 / int4 weights through torch's packed kernels (runtime/weights/quant_cpu.py), not
+    kvscope's own VNNI kernels (kernels/cpu_quant.py), whichever this CPU would pick."""
+    from kernels import cpu_quant
 
-    monkeypatch.setattr(cpu_q4, "available", lambda: False)
+    monkeypatch.setattr(cpu_quant, "available", lambda: False)
 
 
 def q4_kernels_or_skip():
-    """Skip (with the reason) where kvscope's q4 CPU kernels cannot run on this machine."""
-    from kernels import cpu_q4
+    """Skip (with the reason) where kvscope's VNNI CPU kernels cannot run on this machine."""
+    from kernels import cpu_quant
 
-    if not cpu_q4.available():
-        pytest.skip(f"kvscope q4 kernels unavailable: {cpu_q4.unavailable_reason()}")
+    if not cpu_quant.available():
+        pytest.skip(f"kvscope VNNI kernels unavailable: {cpu_quant.unavailable_reason()}")

@@ -206,7 +206,7 @@ class GatheredDecodeStep(TorchOps):
     @staticmethod
     def experts(experts, x, weights, ids):
         packed = experts.packed_stacks()
-        if packed is not None and hasattr(packed[0], "routed"):  # one grouped call (q4_cpu.py)
+        if packed is not None and hasattr(packed[0], "routed"):  # one grouped call (vnni.py)
             return packed[0].routed(packed[1], x, weights, ids)
         if packed is not None:  # int8 / int4 stacks on the CPU
             return routed_packed_decode(*packed, x, weights, ids)

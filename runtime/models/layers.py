@@ -128,7 +128,7 @@ class Experts:
         if self.bank is None:
             if self.fused is not None:
                 return self.fused(x, weights, ids)
-            if hasattr(self.gate_up, "routed"):  # grouped CPU kernel (weights/q4_cpu.py)
+            if hasattr(self.gate_up, "routed"):  # grouped CPU kernel (weights/vnni.py)
                 return self.gate_up.routed(self.down, x, weights, ids)
             return self._loop(x, weights, ids, lambda e: (self.gate_up[e], self.down[e]))
         counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()

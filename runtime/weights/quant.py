@@ -155,7 +155,7 @@ def quantize_weight(w: torch.Tensor, method: str, storage: bool = False, group: 
     if method == "int4":
         packed = _int4().quantize_int4(w, group, INT4_SCALE_DTYPE)
         if w.device.type == "cpu" and not storage:
-            from runtime.weights.q4_cpu import Q4CpuLinear
+            from runtime.weights.vnni import Q4CpuLinear
             from runtime.weights.quant_cpu import Int4CpuLinear
 
             fast = Q4CpuLinear.from_packed(packed) or Int4CpuLinear.from_packed(packed)
@@ -168,10 +168,11 @@ def quantize_weight(w: torch.Tensor, method: str, storage: bool = False, group: 
         return quant_bnb.Nf4Weight.quantize(w)
     if method == "int8":
         q8 = quant_bnb.Int8Weight.quantize(w)
-        if w.device.type == "cpu" and not storage:  # the same bytes, in the CPU kernel's layout
+        if w.device.type == "cpu" and not storage:  # the same bytes, in a CPU kernel's layout
             from runtime.weights.quant_cpu import Int8CpuLinear
+            from runtime.weights.vnni import Q8CpuLinear
 
-            return Int8CpuLinear(q8.cb, q8.scb / 127.0)
+            return Q8CpuLinear.of(q8.cb, q8.scb / 127.0) or Int8CpuLinear(q8.cb, q8.scb / 127.0)
         return q8
     raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
 
@@ -282,14 +283,25 @@ def resident_experts(
         return {"gate_up": [pack_bf16(w) for w in gate_up], "down": [pack_bf16(w) for w in down]}
     if method == "none":
         return {"gate_up": gate_up, "down": down}
-    if method == "int4" and gate_up.device.type == "cpu":  # kvscope's own kernels (q4_cpu.py)
-        from runtime.weights.q4_cpu import Q4CpuStack
+    if method == "int4" and gate_up.device.type == "cpu":  # kvscope's own kernels (vnni.py)
+        from runtime.weights.vnni import Q4CpuStack
 
         gu = Q4CpuStack.from_packed(_int4().quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
         if gu is not None:
             dn = Q4CpuStack.from_packed(_int4().quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))
             if dn is not None:
                 return {"gate_up": gu, "down": dn}
+    if method == "int8" and gate_up.device.type == "cpu":  # kvscope's own kernels (vnni.py)
+        from runtime.weights import quant_bnb
+        from runtime.weights.vnni import Q8CpuStack
+
+        stacks = []
+        for w in (gate_up, down):  # bitsandbytes' per-row bytes (rows are independent)
+            rec = quant_bnb.Int8Weight.quantize(w.reshape(-1, w.shape[-1]))
+            e, n = w.shape[0], w.shape[1]
+            stacks.append(Q8CpuStack.of(rec.cb.view(e, n, -1), rec.scb.view(e, n) / 127.0))
+        if stacks[0] is not None and stacks[1] is not None:
+            return {"gate_up": stacks[0], "down": stacks[1]}
     if method in ("int8", "int4") and gate_up.device.type == "cpu":
         from runtime.weights.quant_cpu import stack_experts
 

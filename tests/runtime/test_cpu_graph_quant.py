@@ -49,7 +49,7 @@ def _tiny(path, arch, seed, **kw):
     "method, d", [("int8", 64), ("int8", 40), ("int4", 64)]
 )  # d = 40: K padded to 48 for the int8 kernel (gate_up), I = 24 for down
 @pytest.mark.parametrize("tokens", [1, 3, 9])
-def test_routed_packed_decode_matches_the_expert_loop(method, d, tokens, torch_int4):
+def test_routed_packed_decode_matches_the_expert_loop(method, d, tokens, torch_kernels):
     g = torch.Generator().manual_seed(tokens)
     e, k, i = 8, 2, 32 if method == "int4" else 24
     gu = torch.randn(e, 2 * i, d, generator=g) * d**-0.5
@@ -124,7 +124,7 @@ def test_library_key_names_the_weight_format(tmp_path, monkeypatch):
 
 
 # (arch, format) compiled by the default suite (~20-30 s each on 2 cores); the others with
-# KVSCOPE_SLOW=1. int4: kvscope's q4 kernels (kernels/cpu_q4.py); int4-torch: torch's int4 kernel.
+# KVSCOPE_SLOW=1. int4: kvscope's VNNI kernels (kernels/cpu_quant.py); int4-torch: torch's kernel.
 FAST = {("glm4_moe", "int8"), ("glm4_moe", "int4"), ("glm_moe_dsa", "int8")}
 COMBOS = [(a, q) for a in ("glm4_moe", "glm_moe_dsa") for q in ("int8", "int4", "int4-torch")]
 # GLM-5's compiled step is not bit-identical to its eager forward at int4 (the tiny DSA model's
@@ -153,12 +153,12 @@ def _marks(c):
 
 def _kernels(monkeypatch, quant: str) -> str:
     """The --quant value for a test's format name, with the int4 kernel it names in place."""
-    from kernels import cpu_q4
+    from kernels import cpu_quant
 
     if quant == "int4-torch":
-        monkeypatch.setattr(cpu_q4, "available", lambda: False)
-    elif quant == "int4" and not cpu_q4.available():
-        pytest.skip(f"kvscope q4 kernels unavailable: {cpu_q4.unavailable_reason()}")
+        monkeypatch.setattr(cpu_quant, "available", lambda: False)
+    elif quant == "int4" and not cpu_quant.available():
+        pytest.skip(f"kvscope q4 kernels unavailable: {cpu_quant.unavailable_reason()}")
     return quant.split("-")[0]
 
 
@@ -216,7 +216,11 @@ def test_stacks_are_views_not_copies(tiny_glm4):
     e = _engine(tiny_glm4, "int8")
     ex = e.model.layers[1].mlp.experts
     one = ex.gate_up[3]
-    assert one.q.untyped_storage().data_ptr() == ex.gate_up.q.untyped_storage().data_ptr()
+    name = "qw" if hasattr(one, "qw") else "q"  # kvscope's VNNI layout, or torch's int8 kernel's
+    assert (
+        getattr(one, name).untyped_storage().data_ptr()
+        == getattr(ex.gate_up, name).untyped_storage().data_ptr()
+    )
     assert dataclasses.is_dataclass(ex) and len(ex.gate_up) == ex.num_experts
 
 

@@ -40,7 +40,10 @@ def test_quantized_linear_is_close(method, bound, shape):
     quant_bnb dequantizes the flattened weight instead."""
     w, x = _w(*shape)
     q = quantize_weight(w, method)
-    assert q.shape == tuple(shape) and q.device == w.device and q.nbytes < w.numel() * 4 / 3
+    # kvscope's VNNI layouts pad N to 16 rows and K to 32 columns (tiny shapes here)
+    padded = -(-shape[0] // 16) * 16 * -(-shape[1] // 32) * 32
+    assert q.shape == tuple(shape) and q.device == w.device
+    assert q.nbytes < max(w.numel() * 4 / 3, padded * 1.2)
     y = q(x)
     assert y.shape == (5, shape[0]) and y.dtype == x.dtype
     assert _rel(y, x @ w.t()) < bound
@@ -62,7 +65,15 @@ def test_expert_format_roundtrip(method):
     from runtime.models.layers import linear
 
     h = linear(x, wgu)
-    assert torch.equal(h, linear(x, quantize_weight(gu, method)))
+    resident = quantize_weight(gu, method)
+    if hasattr(wgu, "dequantize") and hasattr(resident, "dequantize"):  # the same weight (up to
+        # the scales' bf16 rounding in torch's int8 kernel layout: the record's CPU path)
+        a, b = wgu.dequantize().float(), resident.dequantize().float()
+        torch.testing.assert_close(a, b, rtol=4e-3, atol=1e-6)
+    if type(resident).__module__.endswith("vnni"):  # int8 activations there (kernels/cpu_quant)
+        assert _rel(h, linear(x, resident)) < 0.02
+    else:
+        assert torch.equal(h, linear(x, resident))
     assert _rel(h, x @ gu.t()) < (1e-6 if method == "none" else 0.15)
     assert linear(h[:, :i], wdn).shape == (5, d)
 

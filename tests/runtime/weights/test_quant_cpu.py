@@ -19,11 +19,11 @@ from runtime.engine import Engine, EngineConfig
 from runtime.kv.pool import KVPool, token_rows
 from runtime.models.batch import ForwardBatch, SeqChunk
 from runtime.models.layers import Experts
-from runtime.weights.q4_cpu import Q4CpuLinear, Q4CpuStack
 from runtime.weights.quant import Int4Weight, quantize_weight
 from runtime.weights.quant_bnb import Int8Weight
 from runtime.weights.quant_cpu import Int4CpuLinear, Int4CpuStack, Int8CpuLinear, Int8CpuStack
 from runtime.weights.tiny import write_tiny
+from runtime.weights.vnni import Q4CpuLinear, Q4CpuStack, Q8CpuLinear, Q8CpuStack
 from tests.conftest import q4_kernels_or_skip
 
 
@@ -39,7 +39,7 @@ def _close(y, ref):
 
 @pytest.mark.parametrize("shape", [(72, 48), (40, 256), (24, 41), (64, 1000), (72, 24), (16, 500)])
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_int8_kernel_matches_reference(shape, tokens):
+def test_int8_kernel_matches_reference(shape, tokens, torch_kernels):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g)
     x = torch.randn(tokens, shape[1], generator=g)
@@ -55,7 +55,7 @@ def test_int8_kernel_matches_reference(shape, tokens):
 
 @pytest.mark.parametrize("shape", [(64, 128), (48, 256), (32, 64), (16, 384)])
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_int4_kernel_matches_reference(shape, tokens, torch_int4):
+def test_int4_kernel_matches_reference(shape, tokens, torch_kernels):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(*shape, generator=g)
     x = torch.randn(tokens, shape[1], generator=g).to(torch.bfloat16)
@@ -77,7 +77,7 @@ def _dequant(w: Int4Weight) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(72, 96), (40, 200), (64, 130)])
-def test_int4_shapes_the_kernel_cannot_take_fall_back(shape, torch_int4):
+def test_int4_shapes_the_kernel_cannot_take_fall_back(shape, torch_kernels):
     """N not a multiple of 16, or a partial last group: the portable int4 weight."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(*shape, generator=g)
@@ -87,7 +87,7 @@ def test_int4_shapes_the_kernel_cannot_take_fall_back(shape, torch_int4):
     _close(q(x), F.linear(x.to(torch.bfloat16).float(), _dequant(q)))
 
 
-def test_expert_loop_with_idle_experts(torch_int4):
+def test_expert_loop_with_idle_experts(torch_kernels):
     """8 int4 experts, 9 tokens routed to only 3 of them: the loop reads each selected expert
     once and matches the dequantized reference; experts with 0 tokens are skipped."""
     g = torch.Generator().manual_seed(3)
@@ -149,10 +149,10 @@ def _dequantized(obj, seen=None):
         else []
     )
     for key, v in items:
-        if isinstance(v, Int8CpuStack | Int4CpuStack | Q4CpuStack):  # experts: a plain [E, N, K]
+        if isinstance(v, Int8CpuStack | Int4CpuStack | Q4CpuStack | Q8CpuStack):  # [E, N, K]
             new = torch.stack([v[e].dequantize() for e in range(len(v))]).to(torch.bfloat16)
             setattr(obj, key, new)
-        elif isinstance(v, Int8Weight | Int8CpuLinear | Int4CpuLinear | Q4CpuLinear):
+        elif isinstance(v, Int8Weight | Int8CpuLinear | Int4CpuLinear | Q4CpuLinear | Q8CpuLinear):
             new = v.dequantize().to(torch.bfloat16)
             if isinstance(obj, list):
                 obj[key] = new
@@ -173,8 +173,8 @@ def _all_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     return engine.model.forward(batch, pool, all_logits=True).float()
 
 
-# int4: kvscope's q4 kernels (int8 activations, int4 LM head); int4-torch: torch's int4 kernel
-@pytest.mark.parametrize("method", ["int8", "int4", "int4-torch"])
+# int8 / int4: kvscope's VNNI kernels (int8 activations; int4: an int4 LM head); -torch: torch's
+@pytest.mark.parametrize("method", ["int8", "int8-torch", "int4", "int4-torch"])
 def test_greedy_tokens_equal_the_dequantized_reference(tmp_path, monkeypatch, method):
     """The quantized engine's greedy tokens are the reference's (the same model with every
     quantized weight dequantized to a bf16 tensor) wherever the reference's choice is clear:
@@ -182,11 +182,11 @@ def test_greedy_tokens_equal_the_dequantized_reference(tmp_path, monkeypatch, me
     margin exceeds the kernels' rounding pick the same token, and logits agree to bf16 rounding.
     Measured: every position within 0.3 (of logits up to ~11) but 1-2 per sequence (2-4.4)
     where a router top-k near-tie flipped an expert; so the bounds hold for 90 % of positions."""
-    if method == "int4-torch":
-        from kernels import cpu_q4
+    if method.endswith("-torch"):
+        from kernels import cpu_quant
 
-        monkeypatch.setattr(cpu_q4, "available", lambda: False)
-    elif method == "int4":
+        monkeypatch.setattr(cpu_quant, "available", lambda: False)
+    else:
         q4_kernels_or_skip()
     d = write_tiny(tmp_path / "m", "glm4_moe", seed=4, **SHAPES)
     quant = method.split("-")[0]
@@ -197,14 +197,14 @@ def test_greedy_tokens_equal_the_dequantized_reference(tmp_path, monkeypatch, me
         _dequantized(layer)
     ref.model.lm_head = ref.model.lm_head.dequantize().to(torch.bfloat16)
     kinds = {type(w).__name__ for w in fast.model.layers[1].mlp.experts.gate_up}
-    want = {"int8": "Int8CpuLinear", "int4": "Q4CpuLinear", "int4-torch": "Int4CpuLinear"}
-    assert kinds == {want[method]}
-    stacks = Int8CpuStack | Int4CpuStack | Q4CpuStack
+    kind = {"int8": Q8CpuLinear, "int8-torch": Int8CpuLinear}
+    kind |= {"int4": Q4CpuLinear, "int4-torch": Int4CpuLinear}
+    assert kinds == {kind[method].__name__}
+    stacks = Int8CpuStack | Int4CpuStack | Q4CpuStack | Q8CpuStack
     assert isinstance(fast.model.layers[1].mlp.experts.gate_up, stacks)
     # the LM head: int8, but int4 in groups of 32 under --quant int4 on the CPU
-    head = {"int8": Int8CpuLinear, "int4": Q4CpuLinear, "int4-torch": Int4CpuLinear}[method]
-    assert isinstance(fast.model.lm_head, head)
-    assert method == "int8" or fast.model.lm_head.group == 32
+    assert isinstance(fast.model.lm_head, kind[method])
+    assert quant == "int8" or fast.model.lm_head.group == 32
     compared = agreed = 0
     for prompt in ([5, 6, 7], list(range(10, 31)), [3] * 9):
         out = fast.generate(prompt, max_new_tokens=16, ignore_eos=True)

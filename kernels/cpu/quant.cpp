@@ -1,6 +1,7 @@
-// kvscope's CPU int4 kernels: 4-bit weight groups times int8-quantized activations (w4a8).
+// kvscope's CPU kernels for quantized weights: 4-bit groups (w4a8) and int8 rows (w8a8), both times
+// int8-quantized activations.
 //
-// Built at first use by kernels/cpu_q4.py (g++ -O3 -march=native, cached per source, compiler and
+// Built at first use by kernels/cpu_quant.py (g++ -O3 -march=native, cached per source, compiler and
 // CPU); called through ctypes. The AVX-512 VNNI path is the fast one; the scalar path computes
 // the same integers (tests hold them together) and exists so the library loads everywhere, but
 // the Python side only routes work here when kvq4_isa() names a vector ISA.
@@ -18,6 +19,11 @@
 // The inner sums are exact integers (vpdpbusd: u8 weights x s8 activations); the outer ones fp32.
 // Up to 8 tokens share one unpacking of a weight tile (8 accumulators per 16 rows).
 // Stacks of E experts are E such layouts back to back.
+//
+// int8 (kvq8_*): W [N, K] = w [N, K] (int8, symmetric) * r [N] (one fp32 scale per row), stored as
+//   qw  uint8  [N16][Kp / 4][64]   byte (lane * 4 + j) of chunk c: w[16t + lane][4c + j] + 128
+//   rs  float  [N16][16]           r per row
+//   y[n] = r[n] * sum_b d_b * (sum_k (w + 128) * xq - 128 * sum_k xq)     (Kp = K padded to 32)
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -208,13 +214,98 @@ void tile_n(int mb, const uint8_t* w, const uint16_t* sc, const int8_t* zp, int 
   }
 }
 
+// int8 weights: 16 output rows of one tile for MB tokens (see the header for the layout).
+template <int MB>
+void tile8(const uint8_t* w, const float* rs, int kp, const int8_t* xq, const float* d,
+           const int32_t* s, float* out) {
+  const int nb = kp / 32;
+#ifdef KVQ4_AVX512VNNI
+  __m512 acc[MB];
+  for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
+  for (int blk = 0; blk < nb; blk++) {
+    const int k0 = blk * 32;
+    const uint8_t* wb = w + (size_t)(k0 / 4) * 64;
+    __m512i ia[MB];
+    for (int m = 0; m < MB; m++) ia[m] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c++) {
+      const __m512i v = _mm512_loadu_si512((const void*)(wb + c * 64));
+      for (int m = 0; m < MB; m++) {
+        int32_t x0;
+        std::memcpy(&x0, xq + (size_t)m * kp + k0 + c * 4, 4);
+        ia[m] = _mm512_dpbusd_epi32(ia[m], v, _mm512_set1_epi32(x0));
+      }
+    }
+    for (int m = 0; m < MB; m++) {
+      const __m512i t = _mm512_sub_epi32(ia[m], _mm512_set1_epi32(128 * s[(size_t)m * nb + blk]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[(size_t)m * nb + blk]),
+                               acc[m]);
+    }
+  }
+  const __m512 rv = _mm512_loadu_ps(rs);
+  for (int m = 0; m < MB; m++) _mm512_storeu_ps(out + m * 16, _mm512_mul_ps(acc[m], rv));
+#else
+  for (int m = 0; m < MB; m++)
+    for (int lane = 0; lane < 16; lane++) {
+      float acc = 0.f;
+      for (int blk = 0; blk < nb; blk++) {
+        const int k0 = blk * 32;
+        int32_t ia = 0;
+        for (int kk = k0; kk < k0 + 32; kk++)
+          ia += (int)w[(size_t)(kk / 4) * 64 + lane * 4 + kk % 4] * xq[(size_t)m * kp + kk];
+        const int32_t t = ia - 128 * s[(size_t)m * nb + blk];
+        acc = std::fma((float)t, d[(size_t)m * nb + blk], acc);
+      }
+      out[m * 16 + lane] = acc * rs[lane];
+    }
+#endif
+}
+
+void tile8_n(int mb, const uint8_t* w, const float* rs, int kp, const int8_t* xq, const float* d,
+             const int32_t* s, float* out) {
+  switch (mb) {
+    case 1: tile8<1>(w, rs, kp, xq, d, s, out); break;
+    case 2: tile8<2>(w, rs, kp, xq, d, s, out); break;
+    case 3: tile8<3>(w, rs, kp, xq, d, s, out); break;
+    case 4: tile8<4>(w, rs, kp, xq, d, s, out); break;
+    case 5: tile8<5>(w, rs, kp, xq, d, s, out); break;
+    case 6: tile8<6>(w, rs, kp, xq, d, s, out); break;
+    case 7: tile8<7>(w, rs, kp, xq, d, s, out); break;
+    default: tile8<8>(w, rs, kp, xq, d, s, out); break;
+  }
+}
+
+// One linear weight in either layout (bits 4: qw / sc / zp / g; bits 8: qw / rs).
+struct Weight {
+  int bits;
+  const uint8_t* qw;
+  const uint16_t* sc;
+  const int8_t* zp;
+  const float* rs;
+  int kp, g;
+  size_t tile_bytes() const { return bits == 4 ? (size_t)kp * 8 : (size_t)kp * 16; }
+  size_t tile_scales() const { return bits == 4 ? (size_t)(kp / g) * 16 : 16; }
+  // expert e of a stack of n-row weights
+  Weight expert(int e, int n) const {
+    const size_t n16 = (size_t)(n + 15) / 16;
+    Weight w = *this;
+    w.qw += e * n16 * tile_bytes();
+    if (bits == 4) {
+      w.sc += e * n16 * tile_scales();
+      w.zp += e * n16 * tile_scales();
+    } else {
+      w.rs += e * n16 * 16;
+    }
+    return w;
+  }
+};
+
 // out[m][0..n) for the m quantized tokens of qr (rows r0 .. r0 + m), row stride ldo. Tile-major:
 // each 16-row weight tile is read from memory once and reused from cache by every chunk of up
 // to kChunkTokens tokens, so m tokens cost one pass over the weight, not ceil(m / 4).
-void gemm(const uint8_t* qw, const uint16_t* sc, const int8_t* zp, int n, int kp, int g,
-          const QuantRows& qr, int r0, int m, float* out, int ldo, int nthreads) {
-  const int n16 = (n + 15) / 16, nb = kp / 32, ng = kp / g;
-  const size_t tile_q = (size_t)kp * 8, tile_s = (size_t)ng * 16;
+void gemm(const Weight& w, int n, const QuantRows& qr, int r0, int m, float* out, int ldo,
+          int nthreads) {
+  const int n16 = (n + 15) / 16, kp = w.kp, nb = kp / 32;
+  const size_t tq = w.tile_bytes(), ts = w.tile_scales();
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) schedule(static)
   for (int t = 0; t < n16; t++) {
     float buf[kChunkTokens * 16];
@@ -222,8 +313,13 @@ void gemm(const uint8_t* qw, const uint16_t* sc, const int8_t* zp, int n, int kp
     for (int c0 = 0; c0 < m; c0 += kChunkTokens) {
       const int mb = m - c0 < kChunkTokens ? m - c0 : kChunkTokens;
       const size_t row = (size_t)r0 + c0;
-      tile_n(mb, qw + t * tile_q, sc + t * tile_s, zp + t * tile_s, kp, g, qr.q.data() + row * kp,
-             qr.d.data() + row * nb, qr.s.data() + row * nb, buf);
+      const int8_t* xq = qr.q.data() + row * kp;
+      const float* d = qr.d.data() + row * nb;
+      const int32_t* s = qr.s.data() + row * nb;
+      if (w.bits == 4)
+        tile_n(mb, w.qw + t * tq, w.sc + t * ts, w.zp + t * ts, kp, w.g, xq, d, s, buf);
+      else
+        tile8_n(mb, w.qw + t * tq, w.rs + t * ts, kp, xq, d, s, buf);
       for (int i = 0; i < mb; i++)
         std::memcpy(out + (size_t)(c0 + i) * ldo + t * 16, buf + i * 16, cols * 4);
     }
@@ -264,33 +360,39 @@ const char* kvq4_isa() {
 }
 
 // y [M, N] = x [M, K] @ W^T. dtype 0: x and y fp32, 1: bf16.
-void kvq4_linear(const void* x, int dtype, int m, int k, int n, const uint8_t* qw,
-                 const uint16_t* sc, const int8_t* zp, int kp, int g, void* y, int nthreads) {
+static void linear_impl(const void* x, int dtype, int m, int k, int n, const Weight& w, void* y,
+                        int nthreads) {
   thread_local QuantRows qr;
   thread_local std::vector<float> row, out;
-  quantize_rows(x, dtype, m, k, kp, qr, row);
+  quantize_rows(x, dtype, m, k, w.kp, qr, row);
   out.resize((size_t)m * n);
-  gemm(qw, sc, zp, n, kp, g, qr, 0, m, out.data(), n, nthreads);
+  gemm(w, n, qr, 0, m, out.data(), n, nthreads);
   store_rows(out.data(), m, n, y, dtype);
+}
+
+void kvq4_linear(const void* x, int dtype, int m, int k, int n, const uint8_t* qw,
+                 const uint16_t* sc, const int8_t* zp, int kp, int g, void* y, int nthreads) {
+  linear_impl(x, dtype, m, k, n, Weight{4, qw, sc, zp, nullptr, kp, g}, y, nthreads);
+}
+
+void kvq8_linear(const void* x, int dtype, int m, int k, int n, const uint8_t* qw, const float* rs,
+                 int kp, void* y, int nthreads) {
+  linear_impl(x, dtype, m, k, n, Weight{8, qw, nullptr, nullptr, rs, kp, 32}, y, nthreads);
 }
 
 // Routed experts: y [M, D] = sum_j rw[m, j] * down_e(silu(gate_e(x_m)) * up_e(x_m)), e = ids[m, j].
 // gate_up stack: E x (N = 2I, K = D) (gate rows first), down stack: E x (N = D, K = I). Each
 // selected expert's weights are read once for all the tokens routed to it (in chunks of 8 that
 // reuse each tile while it is in cache). Ids outside [0, E) contribute nothing.
-void kvq4_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, const float* rw,
-              int topk, int n_exp, int inter, const uint8_t* gu_qw, const uint16_t* gu_sc,
-              const int8_t* gu_zp, int gu_kp, int gu_g, const uint8_t* dn_qw,
-              const uint16_t* dn_sc, const int8_t* dn_zp, int dn_kp, int dn_g, void* y,
-              int nthreads) {
+static void moe_impl(const void* x, int dtype, int m, int d_model, const int64_t* ids,
+                     const float* rw, int topk, int n_exp, int inter, const Weight& gu,
+                     const Weight& dn, void* y, int nthreads) {
   thread_local QuantRows qx, qchunk, qact;
   thread_local std::vector<float> row, h, act, o, acc;
-  thread_local std::vector<int> count, start, order;
+  thread_local std::vector<int> count, start, order, fill;
+  const int gu_kp = gu.kp, dn_kp = dn.kp;
   quantize_rows(x, dtype, m, d_model, gu_kp, qx, row);
   const int n_gu = 2 * inter;
-  const int gu_n16 = (n_gu + 15) / 16, dn_n16 = (d_model + 15) / 16;
-  const size_t gu_q = (size_t)gu_n16 * gu_kp * 8, gu_s = (size_t)gu_n16 * (gu_kp / gu_g) * 16;
-  const size_t dn_q = (size_t)dn_n16 * dn_kp * 8, dn_s = (size_t)dn_n16 * (dn_kp / dn_g) * 16;
   // Counting sort of the (token, slot) pairs by expert.
   count.assign(n_exp + 1, 0);
   for (int i = 0; i < m * topk; i++)
@@ -298,7 +400,7 @@ void kvq4_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, 
   start.assign(n_exp + 1, 0);
   for (int e = 0; e < n_exp; e++) start[e + 1] = start[e] + count[e];
   order.assign(start[n_exp], 0);
-  std::vector<int> fill(start.begin(), start.end() - 1);
+  fill.assign(start.begin(), start.end() - 1);
   for (int i = 0; i < m * topk; i++)
     if (ids[i] >= 0 && ids[i] < n_exp) order[fill[ids[i]]++] = i;
   acc.assign((size_t)m * d_model, 0.f);
@@ -319,8 +421,7 @@ void kvq4_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, 
       std::memcpy(qchunk.d.data() + (size_t)c * nbx, qx.d.data() + (size_t)tok * nbx, nbx * 4);
       std::memcpy(qchunk.s.data() + (size_t)c * nbx, qx.s.data() + (size_t)tok * nbx, nbx * 4);
     }
-    gemm(gu_qw + e * gu_q, gu_sc + e * gu_s, gu_zp + e * gu_s, n_gu, gu_kp, gu_g, qchunk, 0, mb,
-         h.data(), n_gu, nthreads);
+    gemm(gu.expert(e, n_gu), n_gu, qchunk, 0, mb, h.data(), n_gu, nthreads);
     for (int c = 0; c < mb; c++) {
       float* a = act.data() + (size_t)c * inter;
       const float* hc = h.data() + (size_t)c * n_gu;
@@ -328,8 +429,7 @@ void kvq4_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, 
       quantize_row(a, inter, dn_kp, qact.q.data() + (size_t)c * dn_kp, qact.d.data() + (size_t)c * nba,
                    qact.s.data() + (size_t)c * nba);
     }
-    gemm(dn_qw + e * dn_q, dn_sc + e * dn_s, dn_zp + e * dn_s, d_model, dn_kp, dn_g, qact, 0, mb,
-         o.data(), d_model, nthreads);
+    gemm(dn.expert(e, d_model), d_model, qact, 0, mb, o.data(), d_model, nthreads);
     for (int c = 0; c < mb; c++) {
       const int pair = order[p0 + c], tok = pair / topk;
       const float wgt = rw[pair];
@@ -339,6 +439,24 @@ void kvq4_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, 
     }
   }
   store_rows(acc.data(), m, d_model, y, dtype);
+}
+
+void kvq4_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, const float* rw,
+              int topk, int n_exp, int inter, const uint8_t* gu_qw, const uint16_t* gu_sc,
+              const int8_t* gu_zp, int gu_kp, int gu_g, const uint8_t* dn_qw,
+              const uint16_t* dn_sc, const int8_t* dn_zp, int dn_kp, int dn_g, void* y,
+              int nthreads) {
+  moe_impl(x, dtype, m, d_model, ids, rw, topk, n_exp, inter,
+           Weight{4, gu_qw, gu_sc, gu_zp, nullptr, gu_kp, gu_g},
+           Weight{4, dn_qw, dn_sc, dn_zp, nullptr, dn_kp, dn_g}, y, nthreads);
+}
+
+void kvq8_moe(const void* x, int dtype, int m, int d_model, const int64_t* ids, const float* rw,
+              int topk, int n_exp, int inter, const uint8_t* gu_qw, const float* gu_rs, int gu_kp,
+              const uint8_t* dn_qw, const float* dn_rs, int dn_kp, void* y, int nthreads) {
+  moe_impl(x, dtype, m, d_model, ids, rw, topk, n_exp, inter,
+           Weight{8, gu_qw, nullptr, nullptr, gu_rs, gu_kp, 32},
+           Weight{8, dn_qw, nullptr, nullptr, dn_rs, dn_kp, 32}, y, nthreads);
 }
 
 }  // extern "C"

@@ -1,4 +1,5 @@
-"""kvscope's own CPU int4 kernels (kernels/cpu/q4.cpp): 4-bit weight groups x int8 activations.
+"""kvscope's own CPU kernels for quantized weights (kernels/cpu/quant.cpp): int4 groups and int8
+rows, times int8-quantized activations.
 
 Why our own: at batch 1 a decode step streams every weight byte once, so a 4-bit weight should
 cost a quarter of a bf16 one. torch's packed int4 CPU kernel (``_weight_int4pack_mm_for_cpu``)
@@ -17,7 +18,7 @@ there is no compiler, the build fails, or the CPU lacks AVX-512 VNNI (``isa()`` 
 ``available()`` is False with a reason and the callers keep torch's int4 kernel
 (runtime/weights/quant_cpu.py). ``KVSCOPE_Q4=0`` turns them off.
 
-Weight layout (``Q4Tensors``, see q4.cpp for the byte order): for W [N, K] with group G (a
+Weight layout (``Q4Tensors``, see quant.cpp for the byte order): for W [N, K] with group G (a
 multiple of 32) and K padded to Kp (multiple of G), N to N16 * 16::
 
     qw  uint8 [N16, Kp / 8, 64]    4-bit q, 16 rows x 8 columns per 64 bytes
@@ -25,11 +26,17 @@ multiple of 32) and K padded to Kp (multiple of G), N to N16 * 16::
     zp  int8  [N16, Kp / G, 16]    integer zero point z
     W[n, k] = (q[n, k] - z[n, k // G]) * s[n, k // G]
 
+int8 (``Q8Tensors``, ``pack8``): bitsandbytes' symmetric per-row bytes W = q * r[n], stored as
+q + 128 (unsigned, for ``vpdpbusd``) in tiles of 16 rows x 4 columns per 64 bytes (qw uint8
+[N16, Kp / 4, 64], Kp = K padded to 32) and r as fp32 [N16, 16]; the +128 comes back out
+through each activation block's sum.
+
 Torch ops (usable eagerly and inside the compiled CPU decode step, runtime/models/cpu_graph.py):
 ``torch.ops.kvscope.q4_linear(x, qw, sc, zp, n, g)`` -> x [M, K] @ W^T as [M, n] in x's dtype
 (fp32 or bf16), and ``torch.ops.kvscope.q4_moe(x, ids, weights, gu_qw, gu_sc, gu_zp, gu_g,
-dn_qw, dn_sc, dn_zp, dn_g, inter)`` -> [M, D]. ``reference_linear`` / ``reference_moe`` compute
-the same in plain torch (activation rounding included) for tests.
+dn_qw, dn_sc, dn_zp, dn_g, inter)`` -> [M, D]; ``q8_linear(x, qw, rs, n)`` and ``q8_moe(x, ids,
+weights, gu_qw, gu_rs, dn_qw, dn_rs, inter)`` likewise for int8. ``reference_linear`` /
+``reference_moe`` compute the same in plain torch (activation rounding included) for tests.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("cpu") / "q4.cpp"
+SOURCE = Path(__file__).with_name("cpu") / "quant.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BLOCK = 32  # activation quantization block; weight groups are multiples of it
 VECTOR_ISAS = ("avx512vnni",)
@@ -75,7 +82,7 @@ def _compiler() -> str:
 
 
 def build(extra: tuple[str, ...] = ()) -> Path:
-    """Compile q4.cpp (once per source, compiler, flags and CPU) and return the library's path.
+    """Compile quant.cpp (once per source, compiler, flags and CPU) and return the library's path.
     Raises RuntimeError with the compiler's message when it fails."""
     cxx = _compiler()
     try:
@@ -119,6 +126,10 @@ def load(extra: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.kvq4_moe.argtypes = [vp, i, i, i, vp, vp, i, i, i]  # x .. inter
     lib.kvq4_moe.argtypes += [vp, vp, vp, i, i, vp, vp, vp, i, i, vp, i]  # gate_up, down, y
     lib.kvq4_moe.restype = None
+    lib.kvq8_linear.argtypes = [vp, i, i, i, i, vp, vp, i, vp, i]
+    lib.kvq8_linear.restype = None
+    lib.kvq8_moe.argtypes = [vp, i, i, i, vp, vp, i, i, i, vp, vp, i, vp, vp, i, vp, i]
+    lib.kvq8_moe.restype = None
     with _lock:
         _state[("loaded", extra)] = lib
     return lib
@@ -203,6 +214,34 @@ def from_int4_packed(p) -> Q4Tensors | None:
     return pack(q, p.scales, p.zeros, k, g)
 
 
+class Q8Tensors(NamedTuple):
+    qw: torch.Tensor  # uint8 [..., N16, Kp / 4, 64]: w + 128
+    rs: torch.Tensor  # fp32 [..., N16, 16]: one scale per row
+    n: int
+    k: int
+
+
+def pack8(q: torch.Tensor, scale: torch.Tensor, k: int) -> Q8Tensors:
+    """From int8 q [..., N, >= K] (symmetric) and one scale per row [..., N] -> Q8Tensors:
+    W = q[:, :K] * scale[:, None]."""
+    *lead, n, _ = q.shape
+    kp, n16 = -(-k // BLOCK) * BLOCK, -(-n // 16)
+    qp = torch.zeros((*lead, n16 * 16, kp), dtype=torch.int16)
+    qp[..., :n, :k] = q[..., :k].to(torch.int16)
+    qw = (qp + 128).to(torch.uint8).view(*lead, n16, 16, kp // 4, 4).transpose(-2, -3)
+    rs = torch.zeros((*lead, n16 * 16), dtype=torch.float32)
+    rs[..., :n] = scale.float()
+    return Q8Tensors(qw.contiguous().view(*lead, n16, kp // 4, 64), rs.view(*lead, n16, 16), n, k)
+
+
+def unpack8(t: Q8Tensors) -> torch.Tensor:
+    """The weight W [..., N, K] fp32 these tensors hold."""
+    *lead, n16, c, _ = t.qw.shape
+    q = t.qw.view(*lead, n16, c, 16, 4).transpose(-2, -3).reshape(*lead, n16 * 16, c * 4)
+    w = (q.to(torch.int16) - 128).float() * t.rs.reshape(*lead, n16 * 16, 1)
+    return w[..., : t.n, : t.k]
+
+
 def unpack(t: Q4Tensors) -> torch.Tensor:
     """The weight W [..., N, K] fp32 these tensors hold (for references and tests)."""
     *lead, n16, c, _ = t.qw.shape
@@ -228,15 +267,20 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     return (xq * d).view(m, kp)[:, :k]
 
 
-def reference_linear(x: torch.Tensor, t: Q4Tensors) -> torch.Tensor:
-    """x [M, K] -> [M, N] fp32, as q4_linear computes it (up to fp32 summation order)."""
-    return quantize_activations(x) @ unpack(t).t()
+def _weight(t) -> torch.Tensor:
+    return unpack8(t) if isinstance(t, Q8Tensors) else unpack(t)
 
 
-def reference_moe(x, ids, weights, gu: Q4Tensors, dn: Q4Tensors, inter: int) -> torch.Tensor:
-    """Routed experts as q4_moe computes them: x [M, D], ids / weights [M, K] -> [M, D] fp32."""
+def reference_linear(x: torch.Tensor, t: Q4Tensors | Q8Tensors) -> torch.Tensor:
+    """x [M, K] -> [M, N] fp32, as q4_linear / q8_linear compute it (up to fp32 sum order)."""
+    return quantize_activations(x) @ _weight(t).t()
+
+
+def reference_moe(x, ids, weights, gu, dn, inter: int) -> torch.Tensor:
+    """Routed experts as q4_moe / q8_moe compute them: x [M, D], ids / weights [M, K] -> [M, D]
+    fp32."""
     xq = quantize_activations(x)
-    wg, wd = unpack(gu), unpack(dn)  # [E, 2I, D], [E, D, I]
+    wg, wd = _weight(gu), _weight(dn)  # [E, 2I, D], [E, D, I]
     out = torch.zeros(x.shape[0], x.shape[1])
     for m in range(ids.shape[0]):
         for j in range(ids.shape[1]):
@@ -257,6 +301,11 @@ _LIB.define(
     "q4_moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_qw, Tensor gu_sc, Tensor gu_zp, "
     "int gu_g, Tensor dn_qw, Tensor dn_sc, Tensor dn_zp, int dn_g, int inter) -> Tensor"
 )
+_LIB.define("q8_linear(Tensor x, Tensor qw, Tensor rs, int n) -> Tensor")
+_LIB.define(
+    "q8_moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_qw, Tensor gu_rs, Tensor dn_qw, "
+    "Tensor dn_rs, int inter) -> Tensor"
+)
 
 
 def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -265,10 +314,15 @@ def _as_kernel_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _q4_linear(x, qw, sc, zp, n, g):
+def _need() -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
-        raise RuntimeError(f"kvscope q4 kernels unavailable: {unavailable_reason()}")
+        raise RuntimeError(f"kvscope CPU quantized kernels unavailable: {unavailable_reason()}")
+    return lib
+
+
+def _q4_linear(x, qw, sc, zp, n, g):
+    lib = _need()
     shape, xin = x.shape, _as_kernel_input(x.reshape(-1, x.shape[-1]))
     y = torch.empty((xin.shape[0], n), dtype=xin.dtype)
     if xin.shape[0]:
@@ -281,9 +335,7 @@ def _q4_linear(x, qw, sc, zp, n, g):
 
 
 def _q4_moe(x, ids, weights, gu_qw, gu_sc, gu_zp, gu_g, dn_qw, dn_sc, dn_zp, dn_g, inter):
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"kvscope q4 kernels unavailable: {unavailable_reason()}")
+    lib = _need()
     xin = _as_kernel_input(x)
     ids64 = ids.to(torch.int64).contiguous()
     w32 = weights.to(torch.float32).contiguous()
@@ -299,8 +351,49 @@ def _q4_moe(x, ids, weights, gu_qw, gu_sc, gu_zp, gu_g, dn_qw, dn_sc, dn_zp, dn_
     return y.to(x.dtype)
 
 
+def _q8_linear(x, qw, rs, n):
+    lib = _need()
+    shape, xin = x.shape, _as_kernel_input(x.reshape(-1, x.shape[-1]))
+    y = torch.empty((xin.shape[0], n), dtype=xin.dtype)
+    if xin.shape[0]:
+        lib.kvq8_linear(
+            xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1], n,
+            qw.data_ptr(), rs.data_ptr(), qw.shape[-2] * 4, y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return y.to(x.dtype).view(*shape[:-1], n)
+
+
+def _q8_moe(x, ids, weights, gu_qw, gu_rs, dn_qw, dn_rs, inter):
+    lib = _need()
+    xin = _as_kernel_input(x)
+    ids64 = ids.to(torch.int64).contiguous()
+    w32 = weights.to(torch.float32).contiguous()
+    y = torch.empty_like(xin)
+    if xin.shape[0]:
+        lib.kvq8_moe(
+            xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1],
+            ids64.data_ptr(), w32.data_ptr(), ids64.shape[1], gu_qw.shape[0], inter,
+            gu_qw.data_ptr(), gu_rs.data_ptr(), gu_qw.shape[-2] * 4,
+            dn_qw.data_ptr(), dn_rs.data_ptr(), dn_qw.shape[-2] * 4,
+            y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return y.to(x.dtype)
+
+
 _LIB.impl("q4_linear", _q4_linear, "CPU")
 _LIB.impl("q4_moe", _q4_moe, "CPU")
+_LIB.impl("q8_linear", _q8_linear, "CPU")
+_LIB.impl("q8_moe", _q8_moe, "CPU")
+
+
+@torch.library.register_fake("kvscope::q8_linear")
+def _q8_linear_fake(x, qw, rs, n):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("kvscope::q8_moe")
+def _q8_moe_fake(x, ids, weights, gu_qw, gu_rs, dn_qw, dn_rs, inter):
+    return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("kvscope::q4_linear")
@@ -323,8 +416,21 @@ def moe(x, ids, weights, gu: Q4Tensors, dn: Q4Tensors, inter: int) -> torch.Tens
     )
 
 
+def linear8(x: torch.Tensor, t: Q8Tensors) -> torch.Tensor:
+    return torch.ops.kvscope.q8_linear(x, t.qw, t.rs, t.n)
+
+
+def moe8(x, ids, weights, gu: Q8Tensors, dn: Q8Tensors, inter: int) -> torch.Tensor:
+    return torch.ops.kvscope.q8_moe(x, ids, weights, gu.qw, gu.rs, dn.qw, dn.rs, inter)
+
+
 __all__ = [
     "Q4Tensors",
+    "Q8Tensors",
+    "linear8",
+    "moe8",
+    "pack8",
+    "unpack8",
     "available",
     "build",
     "from_int4_packed",
