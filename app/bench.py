@@ -170,6 +170,28 @@ def _setup_llamacpp(lc, args, quant: str, dtype, prompts: Prompts, n: int):
     return runner, info
 
 
+def weight_bytes_per_param(quant: str, dtype_bytes: int) -> float:
+    """Bytes per weight the decode floor counts: the dtype's, or the --quant format's (int8: one
+    byte + a per-row scale; int4 / nf4: half a byte + per-group scale and zero, ~3 bytes per
+    128 weights; the embedding row and the few tensors kept in the dtype are counted at the
+    format's rate too: a floor slightly above the true one, never below)."""
+    return {"int8": 1.0, "int4": 0.5 + 3 / 128, "nf4": 0.5 + 4 / 64}.get(quant, float(dtype_bytes))
+
+
+def workload_kv_bytes(cfg, econf, plen: int, n: int) -> int:
+    """Bytes of an L1 pool holding twice the bench's largest batch of full sequences (prompt +
+    decode + speculative look-ahead), MTP planes included: the bench gives kvscope the KV
+    memory its workload needs, as it gives llama.cpp a context (-c) of the workload's size,
+    instead of the engine's default (room for --max-running contexts of the model's maximum
+    length: 511 MB on cpu-mini), so the peak-memory figure compares like with like."""
+    from runtime.kv.pool import KVPool
+
+    layers = cfg.num_layers + cfg.num_nextn_predict_layers
+    bpp = KVPool(layers, 1, econf.page_size, cfg.plane_widths(), torch.float32, "meta")
+    pages = max(BATCHES) * -(-(plen + n + 16) // econf.page_size)
+    return 2 * pages * bpp.bytes_per_page  # fp32 bytes: room for any KV dtype
+
+
 def run_bench(args, argv: list[str]) -> dict:
     econf = engine_config(args)
     if args.threads:
@@ -181,12 +203,18 @@ def run_bench(args, argv: list[str]) -> dict:
     if econf.kv_disk:  # a disk cache that outlives this run must not serve our "cold" prompts
         seed = args.seed * 1_000_003 + random.SystemRandom().getrandbits(31)
     prompts = Prompts(seed, cfg.vocab_size, plen)
+    notes: list[str] = []
+    if econf.kv_mem is None:  # like llama.cpp's -c: the pool this workload needs, not a default
+        econf = replace(econf, kv_mem=workload_kv_bytes(cfg, econf, plen, n))
+        notes.append(
+            f"KV pool sized to the workload: {econf.kv_mem / 2**20:.0f} MB "
+            f"(2x batch {max(BATCHES)} x {plen + n} tokens of fp32 KV; --kv-mem to choose)"
+        )
     spec_values = bench_spec.spec_values(
         args.spec_compare, cfg.num_nextn_predict_layers > 0, econf.resolve_device()
     )
     shapes = {f"b{b}": b for b in BATCHES}
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    notes: list[str] = []
     llama = None
     if args.peers in ("llamacpp", "all"):  # before loading anything: a missing build fails fast
         llama, why = bench_llamacpp.available()
@@ -331,7 +359,7 @@ def run_bench(args, argv: list[str]) -> dict:
     if device.type == "cuda":
         floors_info["h2d_pinned_bytes_s"] = summary(h2d_bandwidth(device, True))
         floors_info["h2d_pageable_bytes_s"] = summary(h2d_bandwidth(device, False))
-    dbytes = torch.empty((), dtype=dtype).element_size()
+    dbytes = weight_bytes_per_param(econf.quant, torch.empty((), dtype=dtype).element_size())
     floors = {f"b{b}": decode_floor_tok_s(cfg, b, dbytes, max(bw)) for b in BATCHES}
     floors_info["decode_floor_tok_s"] = floors
 

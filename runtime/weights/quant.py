@@ -267,6 +267,15 @@ class ExpertFormat:
         return tuple(out)
 
 
+EXPERT_CHUNK = 8  # experts quantized at a time: bounds the fp32 temporaries of a load
+
+
+def _chunks(fn, stack: torch.Tensor) -> list:
+    """fn over slices of EXPERT_CHUNK experts of a stack [E, ...]: the quantizers' fp32
+    temporaries then scale with the slice, not with all E experts (the peak RSS of a load)."""
+    return [fn(stack[i : i + EXPERT_CHUNK]) for i in range(0, stack.shape[0], EXPERT_CHUNK)]
+
+
 def resident_experts(
     gate_up: torch.Tensor, down: torch.Tensor, method: str, pack: bool = False
 ) -> dict:
@@ -286,20 +295,26 @@ def resident_experts(
     if method == "int4" and gate_up.device.type == "cpu":  # kvscope's own kernels (vnni.py)
         from runtime.weights.vnni import Q4CpuStack
 
-        gu = Q4CpuStack.from_packed(_int4().quantize_int4(gate_up, INT4_GROUP, INT4_SCALE_DTYPE))
+        def q4(stack: torch.Tensor):
+            return Q4CpuStack.from_packed(
+                _int4().quantize_int4(stack, INT4_GROUP, INT4_SCALE_DTYPE)
+            )
+
+        gu = Q4CpuStack.concat(_chunks(q4, gate_up))
         if gu is not None:
-            dn = Q4CpuStack.from_packed(_int4().quantize_int4(down, INT4_GROUP, INT4_SCALE_DTYPE))
+            dn = Q4CpuStack.concat(_chunks(q4, down))
             if dn is not None:
                 return {"gate_up": gu, "down": dn}
     if method == "int8" and gate_up.device.type == "cpu":  # kvscope's own kernels (vnni.py)
         from runtime.weights import quant_bnb
         from runtime.weights.vnni import Q8CpuStack
 
-        stacks = []
-        for w in (gate_up, down):  # bitsandbytes' per-row bytes (rows are independent)
+        def q8(w: torch.Tensor):  # bitsandbytes' per-row bytes (rows are independent)
             rec = quant_bnb.Int8Weight.quantize(w.reshape(-1, w.shape[-1]))
             e, n = w.shape[0], w.shape[1]
-            stacks.append(Q8CpuStack.of(rec.cb.view(e, n, -1), rec.scb.view(e, n) / 127.0))
+            return Q8CpuStack.of(rec.cb.view(e, n, -1), rec.scb.view(e, n) / 127.0)
+
+        stacks = [Q8CpuStack.concat(_chunks(q8, w)) for w in (gate_up, down)]
         if stacks[0] is not None and stacks[1] is not None:
             return {"gate_up": stacks[0], "down": stacks[1]}
     if method in ("int8", "int4") and gate_up.device.type == "cpu":

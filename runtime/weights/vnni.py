@@ -83,6 +83,21 @@ class Q4CpuStack:
         t = cpu_quant.from_int4_packed(p)
         return None if t is None else cls(t.qw, t.sc, t.zp, t.n, t.k, t.group)
 
+    @classmethod
+    def concat(cls, parts: list) -> Q4CpuStack | None:
+        """One stack of the experts of several (None if any part is None)."""
+        if not parts or any(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        a = parts[0]
+        return cls(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "sc", "zp")),
+            a.n,
+            a.k,
+            a.group,
+        )
+
     @property
     def q4(self) -> cpu_quant.Q4Tensors:
         return cpu_quant.Q4Tensors(self.qw, self.sc, self.zp, self.n, self.k, self.group)
@@ -166,6 +181,16 @@ class Q8CpuStack:
             return None
         t = cpu_quant.pack8(q, scale, q.shape[-1])
         return cls(t.qw, t.rs, t.n, t.k)
+
+    @classmethod
+    def concat(cls, parts: list) -> Q8CpuStack | None:
+        """One stack of the experts of several (None if any part is None)."""
+        if not parts or any(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        qw, rs = (torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "rs"))
+        return cls(qw, rs, parts[0].n, parts[0].k)
 
     @property
     def q8(self) -> cpu_quant.Q8Tensors:

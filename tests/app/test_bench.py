@@ -155,3 +155,23 @@ def test_param_counts_match_checkpoint(tmp_path):
         # batch 64 reads (almost) every expert once, so it is far cheaper per token
         assert decode_floor_tok_s(cfg, 64, 4, 1e10) > 8 * decode_floor_tok_s(cfg, 1, 4, 1e10)
     assert torch.get_num_threads() >= 1
+
+
+def test_workload_kv_pool_and_quantized_floor(tiny_glm4):
+    """Without --kv-mem the bench sizes kvscope's pool to its workload (as llama.cpp gets a
+    context of the workload's size): enough pages for the largest batch of full sequences,
+    twice over; the decode floor counts the --quant format's bytes per weight."""
+    from app.bench import BATCHES, weight_bytes_per_param, workload_kv_bytes
+    from runtime.engine_config import EngineConfig
+    from runtime.kv.pool import KVPool
+    from runtime.model_config import load_config
+
+    cfg = load_config(tiny_glm4)
+    ec = EngineConfig(page_size=4)
+    got = workload_kv_bytes(cfg, ec, 128, 64)
+    bpp = KVPool(cfg.num_layers, 1, 4, cfg.plane_widths(), torch.bfloat16, "meta").bytes_per_page
+    need = max(BATCHES) * -(-(128 + 64) // 4) * bpp  # pages the batch's sequences fill
+    assert 2 * need <= got <= 8 * need
+    assert weight_bytes_per_param("none", 2) == 2.0
+    assert weight_bytes_per_param("int8", 2) == 1.0
+    assert 0.5 < weight_bytes_per_param("int4", 2) < 0.53
