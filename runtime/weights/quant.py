@@ -155,8 +155,8 @@ def quantize_weight(w: torch.Tensor, method: str, storage: bool = False, group: 
     if method == "int4":
         packed = _int4().quantize_int4(w, group, INT4_SCALE_DTYPE)
         if w.device.type == "cpu" and not storage:
-            from runtime.weights.vnni import Q4CpuLinear
             from runtime.weights.quant_cpu import Int4CpuLinear
+            from runtime.weights.vnni import Q4CpuLinear
 
             fast = Q4CpuLinear.from_packed(packed) or Int4CpuLinear.from_packed(packed)
             if fast is not None:
