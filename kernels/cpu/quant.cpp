@@ -37,6 +37,13 @@
 namespace {
 
 constexpr int kChunkTokens = 8;  // tokens sharing one pass over a weight tile
+#ifndef KVQ_PREFETCH
+#define KVQ_PREFETCH 4096
+#endif
+// Software prefetch distance (bytes ahead in a weight's stream; tiles of one weight are
+// contiguous): a routed expert is 0.25-1 MB, too short for the hardware prefetcher to reach
+// full speed before it ends (measured: 8.5 GB/s per expert stream vs 19 GB/s on a 16 MB head).
+constexpr int kPrefetch = KVQ_PREFETCH;
 
 struct QuantRows {  // activations of some tokens, quantized per block of 32
   std::vector<int8_t> q;    // [M][Kp]
@@ -148,6 +155,7 @@ void tile(const uint8_t* w, const uint16_t* sc, const int8_t* zp, int kp, int g,
       __m512i ia[MB];
       for (int m = 0; m < MB; m++) ia[m] = _mm512_setzero_si512();
       for (int c = 0; c < 4; c++) {
+        _mm_prefetch((const char*)(wb + c * 64 + kPrefetch), _MM_HINT_T1);
         const __m512i v = _mm512_loadu_si512((const void*)(wb + c * 64));
         const __m512i lo = _mm512_and_si512(v, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -228,6 +236,7 @@ void tile8(const uint8_t* w, const float* rs, int kp, const int8_t* xq, const fl
     __m512i ia[MB];
     for (int m = 0; m < MB; m++) ia[m] = _mm512_setzero_si512();
     for (int c = 0; c < 8; c++) {
+      _mm_prefetch((const char*)(wb + c * 64 + kPrefetch), _MM_HINT_T1);
       const __m512i v = _mm512_loadu_si512((const void*)(wb + c * 64));
       for (int m = 0; m < MB; m++) {
         int32_t x0;
@@ -272,6 +281,14 @@ void tile8_n(int mb, const uint8_t* w, const float* rs, int kp, const int8_t* xq
     case 7: tile8<7>(w, rs, kp, xq, d, s, out); break;
     default: tile8<8>(w, rs, kp, xq, d, s, out); break;
   }
+}
+
+inline void prefetch_head(const uint8_t* p) {
+#ifdef KVQ4_AVX512VNNI
+  for (int i = 0; i < kPrefetch; i += 64) _mm_prefetch((const char*)(p + i), _MM_HINT_T1);
+#else
+  (void)p;
+#endif
 }
 
 // One linear weight in either layout (bits 4: qw / sc / zp / g; bits 8: qw / rs).
@@ -415,6 +432,14 @@ static void moe_impl(const void* x, int dtype, int m, int d_model, const int64_t
   for (int e = 0; e < n_exp; e++) {
     const int p0 = start[e], mb = count[e];
     if (mb == 0) continue;
+    // the heads of this expert's down weight and of the next selected expert's gate_up, so
+    // their streams start at full speed (the in-stream prefetch covers the rest)
+    prefetch_head(dn.expert(e, d_model).qw);
+    for (int e2 = e + 1; e2 < n_exp; e2++)
+      if (count[e2]) {
+        prefetch_head(gu.expert(e2, n_gu).qw);
+        break;
+      }
     for (int c = 0; c < mb; c++) {  // gather the expert's quantized tokens
       const int tok = order[p0 + c] / topk;
       std::memcpy(qchunk.q.data() + (size_t)c * gu_kp, qx.q.data() + (size_t)tok * gu_kp, gu_kp);
