@@ -20,6 +20,7 @@ from runtime.weights import dense_cpu, fp8
 from runtime.weights.checkpoint import Checkpoint
 from runtime.weights.expert_cache import slot_kernel
 from runtime.weights.quant import (
+    chunked_resident_experts,
     head_format,
     is_linear_weight,
     quantize_weight,
@@ -102,18 +103,28 @@ def load_moe(w: WeightReader, cfg: ModelConfig, prefix: str) -> MoE:
         bank = w.plan.expert_bank(int(prefix.split(".")[2]), prefix, router)
         experts = Experts(None, None, bank=bank, fused_slots=slot_kernel(bank.cache))
     else:
+        fields = None
         if w.ckpt.has(f"{prefix}.experts.gate_up_proj"):  # transformers-5 fused layout
             gate_up = w.tensor(f"{prefix}.experts.gate_up_proj", (e, 2 * i, d))
             down = w.tensor(f"{prefix}.experts.down_proj", (e, d, i))
         else:  # per-expert names, as the published checkpoints ship them
-            gate_up = torch.empty((e, 2 * i, d), dtype=w.dtype, device=w.device)
-            down = torch.empty((e, d, i), dtype=w.dtype, device=w.device)
-            for x in range(e):
-                p = f"{prefix}.experts.{x}"
-                gate_up[x, :i] = w.tensor(f"{p}.gate_proj.weight", (i, d))
-                gate_up[x, i:] = w.tensor(f"{p}.up_proj.weight", (i, d))
-                down[x] = w.tensor(f"{p}.down_proj.weight", (d, i))
-        experts = Experts(**resident_experts(gate_up, down, w.quant, pack=w.pack))
+
+            def read(lo: int, hi: int):  # experts lo..hi-1: (gate_up, down) stacks
+                gate_up = torch.empty((hi - lo, 2 * i, d), dtype=w.dtype, device=w.device)
+                down = torch.empty((hi - lo, d, i), dtype=w.dtype, device=w.device)
+                for x in range(lo, hi):
+                    p = f"{prefix}.experts.{x}"
+                    gate_up[x - lo, :i] = w.tensor(f"{p}.gate_proj.weight", (i, d))
+                    gate_up[x - lo, i:] = w.tensor(f"{p}.up_proj.weight", (i, d))
+                    down[x - lo] = w.tensor(f"{p}.down_proj.weight", (d, i))
+                return gate_up, down
+
+            fields = chunked_resident_experts(read, e, w.quant, w.device, w.pack)
+            if fields is None:
+                gate_up, down = read(0, e)
+        experts = Experts(
+            **(fields if fields is not None else resident_experts(gate_up, down, w.quant, w.pack))
+        )
     shared = None
     if cfg.n_shared_experts > 0:
         shared = load_mlp(w, f"{prefix}.shared_experts", d, i * cfg.n_shared_experts)

@@ -146,12 +146,52 @@ def head_format(method: str, device: torch.device) -> tuple[str, int]:
     return HEAD_METHOD, INT4_GROUP
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' LLM.int8() row quantization (``int8_vectorwise_quant``, threshold 0) in
+    plain torch, the same bytes without importing bitsandbytes (~190 MB resident on the CPU):
+    w [N, K] -> (int8 [N, K], fp32 row absmax [N]); W ~= q * absmax / 127. An all-zero row
+    gives zeros (bitsandbytes: 0 * inf, undefined)."""
+    a = w.to(torch.float16)
+    stats = a.abs().amax(dim=1).float()
+    q = torch.round(a * (127.0 / stats.unsqueeze(-1)))
+    return torch.where(stats.unsqueeze(-1) > 0, q, 0.0).to(torch.int8), stats
+
+
+ROW_CHUNK = 4096  # rows of a large weight (the LM head) quantized at a time
+
+
+def _quantize_rows_chunked(w: torch.Tensor, method: str, group: int):
+    """A large [out, in] weight (the LM head: 32 k rows) quantized ROW_CHUNK rows at a time into
+    kvscope's VNNI layouts (rows are independent in both formats, and ROW_CHUNK is a multiple
+    of their 16-row tiles), so the quantizers' fp32 temporaries stay a chunk's size (a whole
+    cpu-mini head at once: ~500 MB of them, the peak of a load). None when those kernels are
+    unavailable (the caller quantizes the weight whole)."""
+    from runtime.weights.vnni import Q4CpuLinear, Q8CpuLinear
+
+    parts = [
+        quantize_weight(w[r : r + ROW_CHUNK], method, group=group)
+        for r in range(0, w.shape[0], ROW_CHUNK)
+    ]
+    if method == "int4" and all(type(p) is Q4CpuLinear for p in parts):
+        a = parts[0]
+        qw, sc, zp = (torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "sc", "zp"))
+        return Q4CpuLinear(qw, sc, zp, w.shape[0], a.k, a.group)
+    if method == "int8" and all(type(p) is Q8CpuLinear for p in parts):
+        qw, rs = (torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "rs"))
+        return Q8CpuLinear(qw, rs, w.shape[0], parts[0].k)
+    return None
+
+
 def quantize_weight(w: torch.Tensor, method: str, storage: bool = False, group: int = INT4_GROUP):
     """W [out, in] in the compute dtype -> a weight usable with linear() (W itself for none).
     On CPU, int4 weights the packed CPU kernel takes come back in its layout (quant_cpu.py);
     ``storage`` asks for the device-independent record format instead (ExpertFormat)."""
     if method == "none":
         return w
+    if w.device.type == "cpu" and not storage and w.shape[0] > ROW_CHUNK:
+        big = _quantize_rows_chunked(w, method, group)
+        if big is not None:
+            return big
     if method == "int4":
         packed = _int4().quantize_int4(w, group, INT4_SCALE_DTYPE)
         if w.device.type == "cpu" and not storage:
@@ -167,13 +207,13 @@ def quantize_weight(w: torch.Tensor, method: str, storage: bool = False, group: 
     if method == "nf4":
         return quant_bnb.Nf4Weight.quantize(w)
     if method == "int8":
-        q8 = quant_bnb.Int8Weight.quantize(w)
         if w.device.type == "cpu" and not storage:  # the same bytes, in a CPU kernel's layout
             from runtime.weights.quant_cpu import Int8CpuLinear
             from runtime.weights.vnni import Q8CpuLinear
 
-            return Q8CpuLinear.of(q8.cb, q8.scb / 127.0) or Int8CpuLinear(q8.cb, q8.scb / 127.0)
-        return q8
+            cb, scb = int8_rows(w)
+            return Q8CpuLinear.of(cb, scb / 127.0) or Int8CpuLinear(cb, scb / 127.0)
+        return quant_bnb.Int8Weight.quantize(w)
     raise KvscopeError(f"--quant {method}: choose one of {', '.join(METHODS)}")
 
 
@@ -276,6 +316,34 @@ def _chunks(fn, stack: torch.Tensor) -> list:
     return [fn(stack[i : i + EXPERT_CHUNK]) for i in range(0, stack.shape[0], EXPERT_CHUNK)]
 
 
+def chunked_resident_experts(read, n_experts: int, method: str, device, pack: bool = False):
+    """Fields of `layers.Experts` for routed experts read EXPERT_CHUNK at a time through
+    ``read(lo, hi) -> (gate_up [hi-lo, 2I, D], down [hi-lo, D, I])`` and quantized chunk by
+    chunk, so a load never holds a layer's whole stack in the compute dtype (cpu-mini: 192 MB
+    of bf16 per layer): only for the stacks that concatenate (kvscope's VNNI int8 / int4 on the
+    CPU); None otherwise (the caller reads the whole stack for resident_experts)."""
+    from kernels import cpu_quant
+
+    if method not in ("int8", "int4") or torch.device(device).type != "cpu" or pack:
+        return None
+    if not cpu_quant.available():
+        return None
+    parts = [
+        resident_experts(*read(lo, min(lo + EXPERT_CHUNK, n_experts)), method)
+        for lo in range(0, n_experts, EXPERT_CHUNK)
+    ]
+    kinds = {(type(p["gate_up"]), type(p["down"])) for p in parts}
+    if len(kinds) != 1 or any(set(p) != {"gate_up", "down"} for p in parts):
+        return None  # the kernels declined these shapes: whole-stack path
+    gu_t, dn_t = kinds.pop()
+    if not (hasattr(gu_t, "concat") and hasattr(dn_t, "concat")):
+        return None
+    return {
+        "gate_up": gu_t.concat([p["gate_up"] for p in parts]),
+        "down": dn_t.concat([p["down"] for p in parts]),
+    }
+
+
 def resident_experts(
     gate_up: torch.Tensor, down: torch.Tensor, method: str, pack: bool = False
 ) -> dict:
@@ -306,13 +374,12 @@ def resident_experts(
             if dn is not None:
                 return {"gate_up": gu, "down": dn}
     if method == "int8" and gate_up.device.type == "cpu":  # kvscope's own kernels (vnni.py)
-        from runtime.weights import quant_bnb
         from runtime.weights.vnni import Q8CpuStack
 
         def q8(w: torch.Tensor):  # bitsandbytes' per-row bytes (rows are independent)
-            rec = quant_bnb.Int8Weight.quantize(w.reshape(-1, w.shape[-1]))
+            cb, scb = int8_rows(w.reshape(-1, w.shape[-1]))
             e, n = w.shape[0], w.shape[1]
-            return Q8CpuStack.of(rec.cb.view(e, n, -1), rec.scb.view(e, n) / 127.0)
+            return Q8CpuStack.of(cb.view(e, n, -1), scb.view(e, n) / 127.0)
 
         stacks = [Q8CpuStack.concat(_chunks(q8, w)) for w in (gate_up, down)]
         if stacks[0] is not None and stacks[1] is not None:

@@ -141,3 +141,64 @@ def test_quality_on_the_demo_model():
     for method, (max_kl, min_top1) in DEMO_THRESHOLDS.items():
         r = res[method]
         assert r["kl"] < max_kl and r["top1"] >= min_top1, (method, r)
+
+
+@pytest.mark.parametrize("shape", [(64, 1024), (300, 77), (5, 3)])
+def test_int8_rows_are_bitsandbytes_bytes(shape):
+    """The CPU int8 path quantizes rows in plain torch (no bitsandbytes import): the same bytes
+    and scales as bitsandbytes' int8_vectorwise_quant."""
+    from runtime.weights.quant import int8_rows
+    from runtime.weights.quant_bnb import Int8Weight
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    rec = Int8Weight.quantize(w)
+    q, s = int8_rows(w)
+    assert torch.equal(rec.cb, q) and torch.equal(rec.scb, s)
+
+
+@pytest.mark.parametrize("method, group", [("int8", 128), ("int4", 32)])
+def test_large_weight_quantized_in_row_chunks_is_the_same(monkeypatch, method, group):
+    """A weight above ROW_CHUNK rows (the LM head) is quantized chunk by chunk (bounded load
+    memory): the same weight and outputs as quantizing it whole."""
+    from kernels import cpu_quant
+    from runtime.weights import quant
+
+    if not cpu_quant.available():
+        pytest.skip(f"kvscope VNNI kernels unavailable: {cpu_quant.unavailable_reason()}")
+    w = torch.randn(200, 96, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 96)
+    whole = quant.quantize_weight(w, method, group=group)
+    monkeypatch.setattr(quant, "ROW_CHUNK", 64)
+    chunked = quant.quantize_weight(w, method, group=group)
+    assert type(chunked) is type(whole) and chunked.shape == whole.shape == (200, 96)
+    assert torch.equal(chunked.dequantize(), whole.dequantize())
+    assert torch.equal(chunked(x), whole(x))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_chunked_expert_load_is_the_same(method):
+    """Routed experts read and quantized EXPERT_CHUNK at a time (a load never holds a layer's
+    whole stack in the compute dtype): the same stacks as quantizing the whole stack."""
+    from kernels import cpu_quant
+    from runtime.weights import quant
+
+    if not cpu_quant.available():
+        pytest.skip(f"kvscope VNNI kernels unavailable: {cpu_quant.unavailable_reason()}")
+    g = torch.Generator().manual_seed(2)
+    e, d, i = 19, 64, 32  # 19: a partial last chunk
+    gu, dn = torch.randn(e, 2 * i, d, generator=g), torch.randn(e, d, i, generator=g)
+    reads = []
+
+    def read(lo, hi):
+        reads.append((lo, hi))
+        return gu[lo:hi], dn[lo:hi]
+
+    got = quant.chunked_resident_experts(read, e, method, "cpu")
+    want = quant.resident_experts(gu, dn, method)
+    assert max(hi - lo for lo, hi in reads) <= quant.EXPERT_CHUNK and reads[-1][1] == e
+    for name in ("gate_up", "down"):
+        a, b = got[name], want[name]
+        assert type(a) is type(b) and len(a) == len(b) == e
+        for x in (0, 8, 18):
+            assert torch.equal(a[x].dequantize(), b[x].dequantize())
+    assert quant.chunked_resident_experts(read, e, "none", "cpu") is None
