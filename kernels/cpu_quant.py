@@ -15,8 +15,8 @@ Built at first use with the system's C++ compiler (``g++ -O3 -march=native -fope
 ``$XDG_CACHE_HOME/kvscope/ext/<digest>/`` (digest of the source, compiler, flags and the CPU's
 flags: a changed source or another CPU never reuses a stale library); loaded with ctypes. Where
 there is no compiler, the build fails, or the CPU lacks AVX-512 VNNI (``isa()`` is "scalar"),
-``available()`` is False with a reason and the callers keep torch's int4 kernel
-(runtime/weights/quant_cpu.py). ``KVSCOPE_Q4=0`` turns them off.
+``available()`` is False with a reason and the callers keep torch's int8 / int4 kernels
+(runtime/weights/quant_cpu.py). ``KVSCOPE_VNNI=0`` turns them off.
 
 Weight layout (``Q4Tensors``, see quant.cpp for the byte order): for W [N, K] with group G (a
 multiple of 32) and K padded to Kp (multiple of G), N to N16 * 16::
@@ -139,8 +139,8 @@ def _lib() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["why"] = None, ""
-            if os.environ.get("KVSCOPE_Q4", "1") == "0":
-                _state["why"] = "KVSCOPE_Q4=0"
+            if os.environ.get("KVSCOPE_VNNI", "1") == "0":
+                _state["why"] = "KVSCOPE_VNNI=0"
             else:
                 try:
                     lib = load()
