@@ -321,63 +321,54 @@ def _need() -> ctypes.CDLL:
     return lib
 
 
-def _q4_linear(x, qw, sc, zp, n, g):
-    lib = _need()
+def _ptrs(*ts) -> list[int]:
+    return [t.data_ptr() for t in ts]
+
+
+def _run_linear(fn, x, n, weight_args) -> torch.Tensor:
+    """x [..., K] -> [..., n] in x's dtype through ``fn(x, dtype, M, K, n, *weight_args, y,
+    threads)`` (kvq4_linear / kvq8_linear)."""
     shape, xin = x.shape, _as_kernel_input(x.reshape(-1, x.shape[-1]))
     y = torch.empty((xin.shape[0], n), dtype=xin.dtype)
     if xin.shape[0]:
-        lib.kvq4_linear(
-            xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1], n,
-            qw.data_ptr(), sc.data_ptr(), zp.data_ptr(), qw.shape[-2] * 8, g,
-            y.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+        m, k = xin.shape
+        fn(xin.data_ptr(), _DTYPES[xin.dtype], m, k, n, *weight_args, y.data_ptr(),
+           torch.get_num_threads())  # fmt: skip
     return y.to(x.dtype).view(*shape[:-1], n)
+
+
+def _run_moe(fn, x, ids, weights, inter, n_experts, weight_args) -> torch.Tensor:
+    """x [T, D], ids / weights [T, K] -> [T, D] through ``fn(x, dtype, T, D, ids, weights, K, E,
+    inter, *weight_args, y, threads)`` (kvq4_moe / kvq8_moe)."""
+    xin = _as_kernel_input(x)
+    ids64 = ids.to(torch.int64).contiguous()
+    w32 = weights.to(torch.float32).contiguous()
+    y = torch.empty_like(xin)
+    if xin.shape[0]:
+        fn(xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1], ids64.data_ptr(),
+           w32.data_ptr(), ids64.shape[1], n_experts, inter, *weight_args, y.data_ptr(),
+           torch.get_num_threads())  # fmt: skip
+    return y.to(x.dtype)
+
+
+def _q4_linear(x, qw, sc, zp, n, g):
+    return _run_linear(_need().kvq4_linear, x, n, [*_ptrs(qw, sc, zp), qw.shape[-2] * 8, g])
 
 
 def _q4_moe(x, ids, weights, gu_qw, gu_sc, gu_zp, gu_g, dn_qw, dn_sc, dn_zp, dn_g, inter):
-    lib = _need()
-    xin = _as_kernel_input(x)
-    ids64 = ids.to(torch.int64).contiguous()
-    w32 = weights.to(torch.float32).contiguous()
-    y = torch.empty_like(xin)
-    if xin.shape[0]:
-        lib.kvq4_moe(
-            xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1],
-            ids64.data_ptr(), w32.data_ptr(), ids64.shape[1], gu_qw.shape[0], inter,
-            gu_qw.data_ptr(), gu_sc.data_ptr(), gu_zp.data_ptr(), gu_qw.shape[-2] * 8, gu_g,
-            dn_qw.data_ptr(), dn_sc.data_ptr(), dn_zp.data_ptr(), dn_qw.shape[-2] * 8, dn_g,
-            y.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    return y.to(x.dtype)
+    gu = [*_ptrs(gu_qw, gu_sc, gu_zp), gu_qw.shape[-2] * 8, gu_g]
+    dn = [*_ptrs(dn_qw, dn_sc, dn_zp), dn_qw.shape[-2] * 8, dn_g]
+    return _run_moe(_need().kvq4_moe, x, ids, weights, inter, gu_qw.shape[0], gu + dn)
 
 
 def _q8_linear(x, qw, rs, n):
-    lib = _need()
-    shape, xin = x.shape, _as_kernel_input(x.reshape(-1, x.shape[-1]))
-    y = torch.empty((xin.shape[0], n), dtype=xin.dtype)
-    if xin.shape[0]:
-        lib.kvq8_linear(
-            xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1], n,
-            qw.data_ptr(), rs.data_ptr(), qw.shape[-2] * 4, y.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    return y.to(x.dtype).view(*shape[:-1], n)
+    return _run_linear(_need().kvq8_linear, x, n, [*_ptrs(qw, rs), qw.shape[-2] * 4])
 
 
 def _q8_moe(x, ids, weights, gu_qw, gu_rs, dn_qw, dn_rs, inter):
-    lib = _need()
-    xin = _as_kernel_input(x)
-    ids64 = ids.to(torch.int64).contiguous()
-    w32 = weights.to(torch.float32).contiguous()
-    y = torch.empty_like(xin)
-    if xin.shape[0]:
-        lib.kvq8_moe(
-            xin.data_ptr(), _DTYPES[xin.dtype], xin.shape[0], xin.shape[1],
-            ids64.data_ptr(), w32.data_ptr(), ids64.shape[1], gu_qw.shape[0], inter,
-            gu_qw.data_ptr(), gu_rs.data_ptr(), gu_qw.shape[-2] * 4,
-            dn_qw.data_ptr(), dn_rs.data_ptr(), dn_qw.shape[-2] * 4,
-            y.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    return y.to(x.dtype)
+    gu = [*_ptrs(gu_qw, gu_rs), gu_qw.shape[-2] * 4]
+    dn = [*_ptrs(dn_qw, dn_rs), dn_qw.shape[-2] * 4]
+    return _run_moe(_need().kvq8_moe, x, ids, weights, inter, gu_qw.shape[0], gu + dn)
 
 
 _LIB.impl("q4_linear", _q4_linear, "CPU")

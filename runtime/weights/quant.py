@@ -175,10 +175,10 @@ def _quantize_rows_chunked(w: torch.Tensor, method: str, group: int):
     if method == "int4" and all(type(p) is Q4CpuLinear for p in parts):
         a = parts[0]
         qw, sc, zp = (torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "sc", "zp"))
-        return Q4CpuLinear(qw, sc, zp, w.shape[0], a.k, a.group)
+        return Q4CpuLinear(qw, sc, zp, n=w.shape[0], k=a.k, group=a.group)
     if method == "int8" and all(type(p) is Q8CpuLinear for p in parts):
         qw, rs = (torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "rs"))
-        return Q8CpuLinear(qw, rs, w.shape[0], parts[0].k)
+        return Q8CpuLinear(qw, rs, n=w.shape[0], k=parts[0].k)
     return None
 
 

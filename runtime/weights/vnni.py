@@ -22,29 +22,24 @@ import torch
 from kernels import cpu_quant
 
 
-class Q4CpuLinear:
-    """W [N, K] in Q4 tiles (cpu_quant.Q4Tensors)."""
+class _Packed:
+    """Shared by the four classes: weight tensors named by FIELDS as plain attributes (what the
+    compiled step binds to its inputs), the logical (N, K), and ``group`` (int4; int8: None)."""
 
     graph_safe = True
+    FIELDS: tuple[str, ...] = ()
 
-    def __init__(self, qw: torch.Tensor, sc: torch.Tensor, zp: torch.Tensor, n: int, k: int, g):
-        self.qw, self.sc, self.zp = qw, sc, zp
-        self.n, self.k, self.group = n, k, g
+    def __init__(self, *tensors: torch.Tensor, n: int, k: int, group: int | None = None):
+        for name, t in zip(self.FIELDS, tensors, strict=True):
+            setattr(self, name, t)
+        self.n, self.k, self.group = n, k, group
 
-    @classmethod
-    def from_packed(cls, p) -> Q4CpuLinear | None:
-        """From kernels.int4_moe.Int4Packed [N, ...]; None when the kernels cannot take it."""
-        if p.q.dim() != 2 or not cpu_quant.available():
-            return None
-        t = cpu_quant.from_int4_packed(p)
-        return None if t is None else cls(t.qw, t.sc, t.zp, t.n, t.k, t.group)
+    def _parts(self, index=None) -> list[torch.Tensor]:
+        ts = [getattr(self, f) for f in self.FIELDS]
+        return ts if index is None else [t[index] for t in ts]
 
     @property
-    def q4(self) -> cpu_quant.Q4Tensors:
-        return cpu_quant.Q4Tensors(self.qw, self.sc, self.zp, self.n, self.k, self.group)
-
-    @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, int]:  # one weight's (N, K)
         return (self.n, self.k)
 
     @property
@@ -53,10 +48,53 @@ class Q4CpuLinear:
 
     @property
     def nbytes(self) -> int:
-        return self.qw.numel() + self.sc.numel() * 2 + self.zp.numel()
+        return sum(t.numel() * t.element_size() for t in self._parts())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qw": self.qw, "sc": self.sc, "zp": self.zp}
+        return dict(zip(self.FIELDS, self._parts(), strict=True))
+
+
+class _Stack(_Packed):
+    """E experts of one projection ([E, ...] tensors); ``stack[e]`` is expert e (views)."""
+
+    expert_stack = True  # layers.Experts.packed_stacks()
+    LINEAR: type = _Packed
+
+    def __len__(self) -> int:
+        return self.qw.shape[0]
+
+    def __getitem__(self, e):
+        return self.LINEAR(*self._parts(e), n=self.n, k=self.k, group=self.group)
+
+    @classmethod
+    def concat(cls, parts: list):
+        """One stack of the experts of several (None if any part is None)."""
+        if not parts or any(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        a = parts[0]
+        cat = [torch.cat([getattr(p, f) for p in parts]) for f in cls.FIELDS]
+        return cls(*cat, n=a.n, k=a.k, group=a.group)
+
+
+class Q4CpuLinear(_Packed):
+    """W [N, K] in Q4 tiles (cpu_quant.Q4Tensors): qw [N16, Kp/8, 64], sc / zp [N16, Kp/G, 16]."""
+
+    FIELDS = ("qw", "sc", "zp")
+
+    @classmethod
+    def from_packed(cls, p):
+        """From kernels.int4_moe.Int4Packed ([N, ...] for a linear, [E, N, ...] for a stack);
+        None when the kernels are unavailable or cannot take the group size."""
+        if p.q.dim() != (3 if issubclass(cls, _Stack) else 2) or not cpu_quant.available():
+            return None
+        t = cpu_quant.from_int4_packed(p)
+        return None if t is None else cls(t.qw, t.sc, t.zp, n=t.n, k=t.k, group=t.group)
+
+    @property
+    def q4(self) -> cpu_quant.Q4Tensors:
+        return cpu_quant.Q4Tensors(self.qw, self.sc, self.zp, self.n, self.k, self.group)
 
     def dequantize(self) -> torch.Tensor:
         return cpu_quant.unpack(self.q4)
@@ -65,56 +103,13 @@ class Q4CpuLinear:
         return cpu_quant.linear(x, self.q4)
 
 
-class Q4CpuStack:
-    """E experts of one projection: qw [E, N16, Kp/8, 64], sc / zp [E, N16, Kp/G, 16]."""
+class Q4CpuStack(_Stack):
+    """E int4 experts of one projection: qw [E, N16, Kp/8, 64], sc / zp [E, N16, Kp/G, 16]."""
 
-    graph_safe = True
-    expert_stack = True  # layers.Experts.packed_stacks()
-
-    def __init__(self, qw, sc, zp, n: int, k: int, g: int):
-        self.qw, self.sc, self.zp = qw, sc, zp
-        self.n, self.k, self.group = n, k, g
-
-    @classmethod
-    def from_packed(cls, p) -> Q4CpuStack | None:
-        """From a stacked kernels.int4_moe.Int4Packed [E, N, ...]; None when unavailable."""
-        if p.q.dim() != 3 or not cpu_quant.available():
-            return None
-        t = cpu_quant.from_int4_packed(p)
-        return None if t is None else cls(t.qw, t.sc, t.zp, t.n, t.k, t.group)
-
-    @classmethod
-    def concat(cls, parts: list) -> Q4CpuStack | None:
-        """One stack of the experts of several (None if any part is None)."""
-        if not parts or any(p is None for p in parts):
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        a = parts[0]
-        return cls(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "sc", "zp")),
-            a.n,
-            a.k,
-            a.group,
-        )
-
-    @property
-    def q4(self) -> cpu_quant.Q4Tensors:
-        return cpu_quant.Q4Tensors(self.qw, self.sc, self.zp, self.n, self.k, self.group)
-
-    def __len__(self) -> int:
-        return self.qw.shape[0]
-
-    def __getitem__(self, e) -> Q4CpuLinear:
-        return Q4CpuLinear(self.qw[e], self.sc[e], self.zp[e], self.n, self.k, self.group)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-    @property
-    def nbytes(self) -> int:
-        return self.qw.numel() + self.sc.numel() * 2 + self.zp.numel()
+    FIELDS = Q4CpuLinear.FIELDS
+    LINEAR = Q4CpuLinear
+    from_packed = Q4CpuLinear.__dict__["from_packed"]
+    q4 = Q4CpuLinear.q4
 
     def routed(self, down: Q4CpuStack, x, weights, ids) -> torch.Tensor:
         """The MoE layer's routed experts with self as gate_up [E] x [2I, D] and ``down`` [E] x
@@ -123,40 +118,24 @@ class Q4CpuStack:
         return cpu_quant.moe(x, ids, weights, self.q4, down.q4, self.n // 2)
 
 
-class Q8CpuLinear:
-    """W [N, K] = int8 q * per-row scale, in Q8 tiles (cpu_quant.Q8Tensors)."""
+class Q8CpuLinear(_Packed):
+    """W [N, K] = int8 q * per-row scale, in Q8 tiles (cpu_quant.Q8Tensors): qw [N16, Kp/4, 64],
+    rs [N16, 16]."""
 
-    graph_safe = True
-
-    def __init__(self, qw: torch.Tensor, rs: torch.Tensor, n: int, k: int):
-        self.qw, self.rs, self.n, self.k = qw, rs, n, k
+    FIELDS = ("qw", "rs")
 
     @classmethod
-    def of(cls, q: torch.Tensor, scale: torch.Tensor, k: int | None = None) -> Q8CpuLinear | None:
-        """From int8 q [N, >= K] and scale [N] (W = q * scale); None when unavailable."""
+    def of(cls, q: torch.Tensor, scale: torch.Tensor, k: int | None = None):
+        """From int8 q [(E,) N, >= K] and scales [(E,) N] (W = q * scale); None when the kernels
+        are unavailable."""
         if not cpu_quant.available():
             return None
         t = cpu_quant.pack8(q, scale, q.shape[-1] if k is None else k)
-        return cls(t.qw, t.rs, t.n, t.k)
+        return cls(t.qw, t.rs, n=t.n, k=t.k)
 
     @property
     def q8(self) -> cpu_quant.Q8Tensors:
         return cpu_quant.Q8Tensors(self.qw, self.rs, self.n, self.k)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-    @property
-    def device(self) -> torch.device:
-        return self.qw.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.qw.numel() + self.rs.numel() * 4
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qw": self.qw, "rs": self.rs}
 
     def dequantize(self) -> torch.Tensor:
         return cpu_quant.unpack8(self.q8)
@@ -165,50 +144,13 @@ class Q8CpuLinear:
         return cpu_quant.linear8(x, self.q8)
 
 
-class Q8CpuStack:
+class Q8CpuStack(_Stack):
     """E int8 experts of one projection: qw [E, N16, Kp/4, 64], rs [E, N16, 16]."""
 
-    graph_safe = True
-    expert_stack = True
-
-    def __init__(self, qw, rs, n: int, k: int):
-        self.qw, self.rs, self.n, self.k = qw, rs, n, k
-
-    @classmethod
-    def of(cls, q: torch.Tensor, scale: torch.Tensor) -> Q8CpuStack | None:
-        """From int8 q [E, N, K] and scales [E, N]; None when unavailable."""
-        if not cpu_quant.available():
-            return None
-        t = cpu_quant.pack8(q, scale, q.shape[-1])
-        return cls(t.qw, t.rs, t.n, t.k)
-
-    @classmethod
-    def concat(cls, parts: list) -> Q8CpuStack | None:
-        """One stack of the experts of several (None if any part is None)."""
-        if not parts or any(p is None for p in parts):
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        qw, rs = (torch.cat([getattr(p, f) for p in parts]) for f in ("qw", "rs"))
-        return cls(qw, rs, parts[0].n, parts[0].k)
-
-    @property
-    def q8(self) -> cpu_quant.Q8Tensors:
-        return cpu_quant.Q8Tensors(self.qw, self.rs, self.n, self.k)
-
-    def __len__(self) -> int:
-        return self.qw.shape[0]
-
-    def __getitem__(self, e) -> Q8CpuLinear:
-        return Q8CpuLinear(self.qw[e], self.rs[e], self.n, self.k)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-    @property
-    def nbytes(self) -> int:
-        return self.qw.numel() + self.rs.numel() * 4
+    FIELDS = Q8CpuLinear.FIELDS
+    LINEAR = Q8CpuLinear
+    of = Q8CpuLinear.__dict__["of"]
+    q8 = Q8CpuLinear.q8
 
     def routed(self, down: Q8CpuStack, x, weights, ids) -> torch.Tensor:
         """As Q4CpuStack.routed, over int8 stacks."""
