@@ -166,8 +166,11 @@ def _quantize_rows_chunked(w: torch.Tensor, method: str, group: int):
     of their 16-row tiles), so the quantizers' fp32 temporaries stay a chunk's size (a whole
     cpu-mini head at once: ~500 MB of them, the peak of a load). None when those kernels are
     unavailable (the caller quantizes the weight whole)."""
+    from kernels import cpu_quant
     from runtime.weights.vnni import Q4CpuLinear, Q8CpuLinear
 
+    if method not in ("int8", "int4") or not cpu_quant.available():
+        return None  # decided before quantizing anything: no chunk is quantized twice
     parts = [
         quantize_weight(w[r : r + ROW_CHUNK], method, group=group)
         for r in range(0, w.shape[0], ROW_CHUNK)
